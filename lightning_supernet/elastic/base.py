@@ -1,0 +1,104 @@
+"""Shared pieces of the elastic ops: the slicing rule and the mixin contract.
+
+Every elastic mixin keeps the module's parameters as they are and, in ``forward``, uses views of their leading
+rows/columns (``weight[:out, :in]``). A dim split into ``blocks`` equal parts (a fused q/k/v projection is three
+blocks of heads) keeps the first ``k`` rows of each block.
+
+Example:
+    >>> import torch
+    >>> slice_dim(torch.arange(6), 0, 2, blocks=2).tolist()
+    [0, 1, 3, 4]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["ElasticMixin", "slice_dim"]
+
+
+def slice_dim(t: torch.Tensor, dim: int, k: int | None, blocks: int = 1) -> torch.Tensor:
+    """The first ``k`` entries along ``dim`` (of each of ``blocks`` equal parts); ``k=None`` keeps all.
+
+    A plain prefix is a view (no copy); a multi-block slice of a dim that is not the full size makes one
+    contiguous copy of the weight (tiny next to the matmul it feeds).
+
+    Args:
+        t: the tensor.
+        dim: the dimension to slice.
+        k: entries kept per block, or ``None`` for all.
+        blocks: how many equal parts the dimension holds.
+
+    Example:
+        >>> slice_dim(torch.ones(4, 3), 1, 2).shape
+        torch.Size([4, 2])
+    """
+    size = t.shape[dim]
+    if k is None or k * blocks == size:
+        return t
+    if blocks == 1:
+        return t.narrow(dim, 0, k)
+    parts = t.unflatten(dim, (blocks, size // blocks))
+    return parts.narrow(dim + 1, 0, k).flatten(dim, dim + 1)
+
+
+class ElasticMixin:
+    """The contract of an elastic op (put in front of an ``nn.Module`` class by ``make_elastic``).
+
+    Subclasses list their state in ``_elastic_attrs`` (all ``None`` = the full module), say which dims of which
+    tensors each of their ports slices in ``_ports``, and implement ``forward``.
+
+    Example:
+        >>> from lightning_supernet.elastic.linear import ElasticLinear
+        >>> ElasticLinear._ports["out"]
+        (('weight', 0), ('bias', 0))
+    """
+
+    _elastic_attrs: tuple[str, ...] = ()
+    #: port name -> ((tensor name, dim), ...): the tensors a width on that port slices.
+    _ports: dict[str, tuple[tuple[str, int], ...]] = {}
+    #: port name -> attribute holding the active width of the port.
+    _port_attrs: dict[str, str] = {}
+    #: port name -> attribute holding the number of equal blocks of the port (optional).
+    _port_blocks: dict[str, str] = {}
+
+    def init_elastic(self) -> None:
+        """Reset every elastic attribute to ``None`` (the full module)."""
+        for key in self._elastic_attrs:
+            setattr(self, key, None)
+
+    def _port_width(self, port: str) -> tuple[int | None, int]:
+        blocks = getattr(self, self._port_blocks[port], 1) if port in self._port_blocks else 1
+        return getattr(self, self._port_attrs[port]), blocks or 1
+
+    def active_tensor(self, name: str, t: torch.Tensor | None) -> torch.Tensor | None:
+        """``t`` (the tensor called ``name`` of this module) sliced to the active widths of every port."""
+        if t is None:
+            return None
+        for port, targets in self._ports.items():
+            for tensor_name, dim in targets:
+                if tensor_name == name:
+                    k, blocks = self._port_width(port)
+                    t = slice_dim(t, dim, k, blocks)
+        return t
+
+    def export_(self) -> dict[str, Any]:
+        """Make this module physically the active shape (clone the slices) and return its new sizes.
+
+        Used on a deep copy by :func:`lightning_supernet.extract.extract`.
+        """
+        for name, t in list(self._parameters.items()) + list(self._buffers.items()):
+            if t is None or t.dim() == 0:
+                continue
+            sliced = self.active_tensor(name, t)
+            if sliced is t:
+                continue
+            new = sliced.detach().clone().contiguous()
+            if name in self._parameters:
+                self._parameters[name] = nn.Parameter(new, requires_grad=t.requires_grad)
+            else:
+                self._buffers[name] = new
+        return {}

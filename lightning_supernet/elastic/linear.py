@@ -1,0 +1,53 @@
+"""Elastic ``nn.Linear``: ``F.linear(x, weight[:out, :in], bias[:out])`` on views of the full parameters.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from lightning_supernet.elastic.registry import make_elastic
+    >>> lin = nn.Linear(8, 6); make_elastic(lin, ElasticLinear)
+    >>> lin.active_in_features, lin.active_out_features = 4, 3
+    >>> lin(torch.randn(2, 4)).shape
+    torch.Size([2, 3])
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_supernet.elastic.base import ElasticMixin
+
+__all__ = ["ElasticLinear"]
+
+
+class ElasticLinear(ElasticMixin):
+    """Mixin for ``nn.Linear`` (and subclasses that keep its ``forward``).
+
+    Attributes:
+        active_in_features: input features used, or ``None`` for all.
+        active_out_features: output features used per block, or ``None`` for all.
+        out_blocks: the output dim is this many equal blocks (3 for a fused q/k/v projection), each sliced to
+            its first ``active_out_features`` rows.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from lightning_supernet.elastic.registry import make_elastic
+        >>> qkv = nn.Linear(4, 12); make_elastic(qkv, ElasticLinear, out_blocks=3)
+        >>> qkv.active_out_features = 2
+        >>> qkv.active_tensor("weight", qkv.weight).shape
+        torch.Size([6, 4])
+    """
+
+    _elastic_attrs = ("active_in_features", "active_out_features", "out_blocks")
+    _ports = {"out": (("weight", 0), ("bias", 0)), "in": (("weight", 1),)}
+    _port_attrs = {"out": "active_out_features", "in": "active_in_features"}
+    _port_blocks = {"out": "out_blocks"}
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
+        weight = self.active_tensor("weight", self.weight)
+        bias = self.active_tensor("bias", self.bias)
+        return F.linear(input, weight, bias)
+
+    def export_(self) -> dict[str, int]:
+        super().export_()
+        self.out_features, self.in_features = self.weight.shape
+        return {"in_features": self.in_features, "out_features": self.out_features}

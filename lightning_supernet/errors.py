@@ -1,0 +1,64 @@
+"""The library's own exceptions.
+
+Each error subclasses ``ValueError`` or ``TypeError`` so callers that already catch those keep working, and
+each message names the argument or dimension, the value received and what is allowed.
+
+Example:
+    >>> from lightning_supernet.errors import SearchSpaceError
+    >>> issubclass(SearchSpaceError, ValueError)
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigMismatchError",
+    "DiscoveryError",
+    "SearchSpaceError",
+    "SupernetError",
+    "UnsupportedModelError",
+]
+
+
+class SupernetError(Exception):
+    """Base class of every error raised by lightning-supernet.
+
+    Example:
+        >>> isinstance(SearchSpaceError("x"), SupernetError)
+        True
+    """
+
+
+class SearchSpaceError(SupernetError, ValueError):
+    """A subnet config or a search-space override is not valid for this supernet.
+
+    Example:
+        >>> raise SearchSpaceError("unknown dim `foo`")  # doctest: +SKIP
+    """
+
+
+class ConfigMismatchError(SearchSpaceError):
+    """A :class:`~lightning_supernet.SubnetConfig` made for another supernet was given to this one.
+
+    Example:
+        >>> issubclass(ConfigMismatchError, SearchSpaceError)
+        True
+    """
+
+
+class DiscoveryError(SupernetError, ValueError):
+    """The model could not be traced to discover its search space (no example input, forward failed).
+
+    Example:
+        >>> issubclass(DiscoveryError, ValueError)
+        True
+    """
+
+
+class UnsupportedModelError(SupernetError, TypeError):
+    """The model holds a layer or attention implementation that the elastic ops cannot slice.
+
+    Example:
+        >>> issubclass(UnsupportedModelError, TypeError)
+        True
+    """

@@ -1,0 +1,112 @@
+"""Physical export of a subnet: a deep copy of the user's model, same classes, smaller tensors.
+
+Each elastic module clones its active slices into new parameters and gets its own class back (``nn.Linear`` with
+the smaller ``in_features``/``out_features``...), attention modules keep the active head count in their head
+attribute, and skipped blocks are removed from their ``ModuleList``/``Sequential``. Integrations register
+finalisers (e.g. to update a Hugging Face config) with :func:`register_finalizer`.
+
+Example:
+    >>> import torch
+    >>> from lightning_supernet import SupernetModule
+    >>> from lightning_supernet.models import TinyViT
+    >>> import torch.nn.functional as F
+    >>> sn = SupernetModule(TinyViT(dim=32, depth=2, num_heads=2), F.cross_entropy, example_input=torch.randn(1, 1, 8, 8))
+    >>> small = sn.extract(sn.search_space.smallest()); type(small).__name__
+    'TinyViT'
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lightning_supernet.elastic.base import ElasticMixin
+from lightning_supernet.elastic.depth import SkippableBlock
+from lightning_supernet.elastic.registry import is_elastic, restore
+
+if TYPE_CHECKING:
+    from lightning_supernet.module import SupernetModule
+    from lightning_supernet.space import SubnetConfig
+
+__all__ = ["extract_model", "register_finalizer"]
+
+Finalizer = Callable[[nn.Module, "SubnetConfig", "SupernetModule"], None]
+_FINALIZERS: list[Finalizer] = []
+
+
+def register_finalizer(fn: Finalizer) -> Finalizer:
+    """Register ``fn(small_model, cfg, supernet)``, run on every extracted model before it is returned.
+
+    Example:
+        >>> @register_finalizer
+        ... def note(small, cfg, supernet):
+        ...     small.extracted_from = cfg
+        >>> _FINALIZERS.remove(note)
+    """
+    _FINALIZERS.append(fn)
+    return fn
+
+
+def extract_model(supernet: SupernetModule, cfg: SubnetConfig) -> nn.Module:
+    """The subnet ``cfg`` of ``supernet`` as a standalone model (see the module docstring).
+
+    Args:
+        supernet: the supernet; its own state is unchanged.
+        cfg: a validated config of its search space.
+
+    Example:
+        >>> import torch
+        >>> from lightning_supernet import SupernetModule
+        >>> from lightning_supernet.models import ResNetLike
+        >>> import torch.nn.functional as F
+        >>> sn = SupernetModule(ResNetLike(), F.cross_entropy, example_input=torch.randn(1, 1, 8, 8))
+        >>> extract_model(sn, sn.search_space.smallest()).layers[0][0].conv1.out_channels
+        2
+    """
+    with supernet.subnet(cfg):
+        small = copy.deepcopy(supernet.model)
+    skipped: dict[str, list[int]] = {}
+    for path, mod in list(small.named_modules()):
+        if isinstance(mod, SkippableBlock) and mod.skipped:
+            stack, _, name = path.rpartition(".")
+            skipped.setdefault(stack, []).append(name)
+    for stack, names in skipped.items():
+        _drop_children(small, stack, set(names))
+    for mod in small.modules():
+        if isinstance(mod, ElasticMixin):
+            mod.export_()
+        if is_elastic(mod):
+            restore(mod)
+    _clear_trainer(small)
+    for fn in _FINALIZERS:
+        fn(small, cfg, supernet)
+    return small
+
+
+def _drop_children(root: nn.Module, path: str, names: set[str]) -> None:
+    container = root.get_submodule(path) if path else root
+    kept = [m for n, m in container.named_children() if n not in names]
+    if isinstance(container, nn.Sequential):
+        new: Any = type(container).__new__(type(container))
+        new.__dict__.update(container.__dict__)
+        new._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
+    elif isinstance(container, nn.ModuleList):
+        new = type(container).__new__(type(container))
+        new.__dict__.update(container.__dict__)
+        new._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
+    else:
+        raise TypeError(f"cannot remove blocks from `{path}` ({type(container).__name__})")
+    if path:
+        parent_path, _, attr = path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        setattr(parent, attr, new)
+
+
+def _clear_trainer(model: nn.Module) -> None:
+    for mod in model.modules():
+        if "_trainer" in mod.__dict__:
+            mod._trainer = None

@@ -1,0 +1,78 @@
+"""Checks that reject a subnet before it runs: connectivity and dimension compatibility.
+
+* **At discovery** (:func:`check_discovery`): every width group couples dims of one size (producers' outputs,
+  consumers' inputs, channel-wise modules), every head group's projections agree on heads × head_dim, and every
+  skippable block maps its input shape to itself, so contracting it to an edge keeps the graph connected and
+  every kept consumer sees the dims it expects.
+* **Per config** (:func:`check_config`): each stack keeps at least its minimum number of blocks (an all-skipped
+  stack would contract a whole stage), widths are within the full size and head counts are whole key/value
+  groups.
+
+Example:
+    >>> from lightning_supernet.space import Dim, SearchSpace, SubnetConfig
+    >>> s = SearchSpace([Dim("b.0.keep", "depth", (True, False), stack="b")], stacks={"b": (1, 1)})
+    >>> check_config(s, SubnetConfig({"b.0.keep": False}))
+    Traceback (most recent call last):
+    ...
+    lightning_supernet.errors.SearchSpaceError: stack `b` keeps 0 of 1 blocks; it must keep at least 1 (connectivity)
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from lightning_supernet.errors import DiscoveryError, SearchSpaceError
+
+if TYPE_CHECKING:
+    from lightning_supernet.ir.discover import Discovery
+    from lightning_supernet.ir.graph import ModuleGraph
+    from lightning_supernet.space import SearchSpace, SubnetConfig
+
+__all__ = ["check_config", "check_discovery"]
+
+
+def check_config(space: SearchSpace, cfg: SubnetConfig) -> None:
+    """Reject a config whose subnet would be disconnected or dimension-incompatible.
+
+    Raises:
+        SearchSpaceError: naming the stack or dim and what is allowed.
+    """
+    for stack, (length, _) in space.stacks.items():
+        names = space.stack_blocks(stack)
+        kept = length - len(names) + sum(bool(cfg[n]) for n in names)
+        need = length - len(names) + space._min_skippable_kept(stack)
+        if kept < need:
+            raise SearchSpaceError(
+                f"stack `{stack}` keeps {kept} of {length} blocks; it must keep at least {need} (connectivity)"
+            )
+
+
+def check_discovery(model: nn.Module, graph: ModuleGraph, found: Discovery) -> None:
+    """Prove the discovered dims compatible on the traced graph (see the module docstring).
+
+    Raises:
+        DiscoveryError: a group whose members disagree, or a block that changes the shape.
+    """
+    mods = dict(model.named_modules())
+    for w in found.widths:
+        for p in w.producers:
+            size = getattr(mods[p], "out_features", None) or getattr(mods[p], "out_channels", None)
+            if size != w.size:
+                raise DiscoveryError(f"width group `{w.name}`: `{p}` produces {size}, the group has {w.size}")
+        for p in w.consumers:
+            size = getattr(mods[p], "in_features", None) or getattr(mods[p], "in_channels", None)
+            if size != w.size:
+                raise DiscoveryError(f"width group `{w.name}`: `{p}` consumes {size}, the group has {w.size}")
+    for h in found.heads:
+        anchor, spec = mods[h.path], h.spec
+        o = anchor.get_submodule(spec.o)
+        if o.in_features != spec.num_heads * spec.head_dim:
+            raise DiscoveryError(f"head group `{h.name}`: `{spec.o}` takes {o.in_features} inputs, expected "
+                                 f"{spec.num_heads} heads x {spec.head_dim}")
+    for b in found.blocks:
+        call = graph.calls[graph.modules[b.path].calls[0]]
+        if call.in_shapes[0] != call.out_shapes[0]:
+            raise DiscoveryError(f"block `{b.path}` maps {call.in_shapes[0]} to {call.out_shapes[0]}; "
+                                 "skipping it would break dimension compatibility")

@@ -1,0 +1,429 @@
+"""Discovery: which dims of a traced model can shrink, which together, and which blocks can be skipped.
+
+No model-specific code: everything comes from the IR (:mod:`lightning_supernet.ir.graph`).
+
+* **Width groups** (the DepGraph idea): walk the autograd graph backward from every consumer's input and forward
+  from every producer's output through channel-preserving element-wise ops (activations, dropout, gating
+  products). Producers (``Linear``/``Conv2d`` outputs), consumers (their inputs) and channel-wise modules
+  (BatchNorm, depthwise conv, LayerNorm) reached together form one group and shrink together. A group that
+  touches anything else (a reshape, a concat, a per-channel parameter, a residual stream that reaches the
+  model's input, the model's output) is frozen, with the reason kept.
+* **Heads** through the head adapters (:mod:`lightning_supernet.elastic.attention`).
+* **Skippable blocks** (module-wise pruning by edge contraction): members of a ``ModuleList``/``Sequential``
+  called once, whose output has the input's shape, with an identity path from output back to input (a residual
+  connection), and whose inner results are used nowhere outside the block.
+
+Example:
+    >>> import torch, torch.nn as nn
+    >>> from lightning_supernet.ir.graph import trace
+    >>> mlp = nn.Sequential(nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 4))
+    >>> d = discover(mlp, trace(mlp, torch.randn(2, 4)))
+    >>> [(w.producers, w.consumers, w.size) for w in d.widths]
+    [(('0',), ('2',), 16)]
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lightning_supernet.elastic.attention import HeadSpec, find_head_spec, looks_like_attention
+from lightning_supernet.elastic.conv import is_depthwise
+from lightning_supernet.ir.graph import Call, ModuleGraph, seq_nr
+
+__all__ = ["Discovery", "HeadGroup", "SkipBlock", "WidthGroup", "discover", "module_kind"]
+
+_ELEMENTWISE = {
+    "Relu", "Gelu", "Silu", "Tanh", "Sigmoid", "Hardswish", "Hardsigmoid", "Hardtanh", "LeakyRelu", "Elu",
+    "Mish", "Softplus", "Threshold", "Mul", "Add", "Sub", "Div", "Neg", "Rsub", "Pow", "Exp", "Sqrt", "Abs",
+    "NativeDropout", "Clone", "ToCopy", "Clamp", "ClampMin", "ClampMax", "Alias", "Erf", "Prelu", "Glu_never",
+}
+_NAME = re.compile(r"^(.*?)Backward\d*$")
+
+
+def _is_elementwise(node: Any) -> bool:
+    m = _NAME.match(type(node).__name__)
+    return bool(m) and m.group(1) in _ELEMENTWISE
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """``"linear"``/``"conv"`` (producer and consumer), ``"channelwise"`` (BN, LN, depthwise), else ``None``.
+
+    Only modules whose ``forward`` is torch's own are sliceable; a subclass with its own ``forward`` is opaque.
+
+    Example:
+        >>> module_kind(nn.Linear(2, 2)), module_kind(nn.BatchNorm2d(3)), module_kind(nn.Embedding(3, 2))
+        ('linear', 'channelwise', None)
+    """
+    fwd = type(module).forward
+    if isinstance(module, nn.Linear) and fwd is nn.Linear.forward:
+        return "linear"
+    if isinstance(module, nn.Conv2d) and fwd is nn.Conv2d.forward:
+        if is_depthwise(module):
+            return "channelwise"
+        return "conv" if module.groups == 1 else None
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and fwd in (nn.BatchNorm1d.forward, nn.BatchNorm2d.forward):
+        return "channelwise"
+    if isinstance(module, nn.LayerNorm) and fwd is nn.LayerNorm.forward and len(module.normalized_shape) == 1:
+        return "channelwise"
+    return None
+
+
+@dataclass(frozen=True)
+class WidthGroup:
+    """Coupled dims that shrink together (one elastic width).
+
+    Attributes:
+        name: the dim's name in the search space.
+        size: the full width.
+        producers: modules whose output features/channels are in the group.
+        consumers: modules whose input features/channels are in the group.
+        channelwise: BatchNorm/LayerNorm/depthwise modules sliced along the group.
+        block: the enclosing skippable block, if any (a skipped block makes the width irrelevant).
+
+    Example:
+        >>> WidthGroup("fc1.width", 64, ("fc1",), ("fc2",), ()).members
+        ('fc1', 'fc2')
+    """
+
+    name: str
+    size: int
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    channelwise: tuple[str, ...]
+    block: str | None = None
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Every module path in the group."""
+        return self.producers + self.consumers + self.channelwise
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """The heads of one attention module.
+
+    Example:
+        >>> HeadGroup("attn.heads", "attn", HeadSpec(4, 4, 8, o="proj", qkv="qkv")).spec.num_heads
+        4
+    """
+
+    name: str
+    path: str
+    spec: HeadSpec
+    block: str | None = None
+
+
+@dataclass(frozen=True)
+class SkipBlock:
+    """A residual block that can be contracted to an edge (skipped).
+
+    Attributes:
+        path: the block. stack: its container. index: position in the container.
+        out_len: ``None`` if the block returns a tensor, else the length of its output tuple.
+
+    Example:
+        >>> SkipBlock("blocks.3", "blocks", 3, None).name
+        'blocks.3.keep'
+    """
+
+    path: str
+    stack: str
+    index: int
+    out_len: int | None
+
+    @property
+    def name(self) -> str:
+        """The dim's name in the search space."""
+        return f"{self.path}.keep"
+
+
+@dataclass
+class Discovery:
+    """What :func:`discover` found.
+
+    Attributes:
+        widths, heads, blocks: the elastic dims.
+        stacks: container path -> number of children (kept + skippable).
+        frozen: dims considered and left fixed, with the reason (``{"blocks.0.attn.qkv.out": "reshape..."}``).
+        unsupported: attention-like modules no head adapter recognises (path -> class name).
+
+    Example:
+        >>> Discovery().widths
+        []
+    """
+
+    widths: list[WidthGroup] = field(default_factory=list)
+    heads: list[HeadGroup] = field(default_factory=list)
+    blocks: list[SkipBlock] = field(default_factory=list)
+    stacks: dict[str, int] = field(default_factory=dict)
+    frozen: dict[str, str] = field(default_factory=dict)
+    unsupported: dict[str, str] = field(default_factory=dict)
+
+
+class _Groups:
+    """Union-find over ports ``(path, "out"|"in"|"ch")`` with a 'frozen because' reason per set."""
+
+    def __init__(self) -> None:
+        self.parent: dict[tuple[str, str], tuple[str, str]] = {}
+        self.reason: dict[tuple[str, str], str] = {}
+
+    def find(self, p: tuple[str, str]) -> tuple[str, str]:
+        self.parent.setdefault(p, p)
+        while self.parent[p] != p:
+            self.parent[p] = self.parent[self.parent[p]]
+            p = self.parent[p]
+        return p
+
+    def union(self, a: tuple[str, str], b: tuple[str, str]) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+            if rb in self.reason:
+                self.reason.setdefault(ra, self.reason.pop(rb))
+
+    def freeze(self, p: tuple[str, str], why: str) -> None:
+        self.reason.setdefault(self.find(p), why)
+
+
+class _Walker:
+    def __init__(self, model: nn.Module, graph: ModuleGraph) -> None:
+        self.graph = graph
+        self.mods = dict(model.named_modules())
+        self.kinds = {c.path: module_kind(self.mods[c.path]) for c in graph.calls if graph.modules[c.path].is_leaf}
+
+    def owner(self, node: Any) -> Call | None:
+        return self.graph.leaf_call_owning(node)
+
+    def back(self, start: Any, ports: set, origin: str) -> str | None:
+        """Ports reached backward from ``start``; returns a reason if the walk hits something unsliceable."""
+        stack, seen, why = [start], set(), None
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in self.graph.input_nodes:
+                why = why or "reaches a model input"
+                continue
+            if type(node).__name__ == "AccumulateGrad":
+                if node.variable.numel() > 1:
+                    why = why or f"multiplied/added with a parameter of shape {tuple(node.variable.shape)}"
+                continue
+            call = self.owner(node)
+            if call is not None and call.path != origin:
+                kind = self.kinds.get(call.path)
+                if node not in call.out_nodes or kind is None:
+                    why = why or f"passes through `{call.path}` ({self.graph.modules[call.path].cls_name})"
+                elif kind == "channelwise":
+                    ports.add((call.path, "ch"))
+                    stack.extend(call.in_nodes[:1])
+                else:
+                    ports.add((call.path, "out"))
+                continue
+            if _is_elementwise(node):
+                stack.extend(n for n, _ in node.next_functions)
+            else:
+                why = why or f"op {type(node).__name__}"
+        return why
+
+    def forward(self, start: Any, ports: set, origin: str) -> str | None:
+        """Ports reached forward from ``start``; returns a reason if the walk hits something unsliceable."""
+        stack, seen, why = [start], set(), None
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in self.graph.output_nodes:
+                why = why or "is the model's output"
+            for parent in self.graph.parents.get(node, ()):
+                call = self.owner(parent)
+                if call is not None and call.path != origin:
+                    kind = self.kinds.get(call.path)
+                    if kind in ("linear", "conv"):
+                        ports.add((call.path, "in"))
+                    elif kind == "channelwise":
+                        ports.add((call.path, "ch"))
+                        stack.extend(call.out_nodes[:1])
+                    else:
+                        why = why or f"feeds `{call.path}` ({self.graph.modules[call.path].cls_name})"
+                elif call is None and _is_elementwise(parent):
+                    stack.append(parent)
+                elif call is None:
+                    why = why or f"op {type(parent).__name__}"
+        return why
+
+
+def _port_size(mod: nn.Module, port: str) -> int:
+    if isinstance(mod, nn.Linear):
+        return mod.out_features if port == "out" else mod.in_features
+    if isinstance(mod, nn.Conv2d):
+        return mod.out_channels if port in ("out", "ch") else mod.in_channels
+    if isinstance(mod, nn.LayerNorm):
+        return mod.normalized_shape[0]
+    return mod.num_features
+
+
+def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Discovery:
+    """Find width groups, head groups and skippable blocks of ``model`` from its traced ``graph``.
+
+    Args:
+        model: the traced model (its modules are inspected, not changed).
+        graph: from :func:`lightning_supernet.ir.graph.trace`.
+        residual: also make residual streams elastic (a group that spans several skippable blocks, such as a
+            CNN stage's channels); off by default since it changes every block of the stream at once.
+
+    Example:
+        >>> import torch
+        >>> from lightning_supernet.ir.graph import trace
+        >>> lin = nn.Linear(3, 3); discover(lin, trace(lin, torch.randn(1, 3))).widths
+        []
+    """
+    found = Discovery()
+    walker = _Walker(model, graph)
+    groups = _Groups()
+    for call in graph.calls:
+        kind = walker.kinds.get(call.path)
+        if kind is None or not call.out_nodes:
+            continue
+        out_port = (call.path, "ch" if kind == "channelwise" else "out")
+        in_port = (call.path, "ch" if kind == "channelwise" else "in")
+        for start, port, walk in ((call.out_nodes[0], out_port, walker.forward),
+                                  (call.in_nodes[0] if call.in_nodes else None, in_port, walker.back)):
+            ports: set = set()
+            why = walk(start, ports, call.path) if start is not None else "has no traced input"
+            groups.find(port)
+            for p in ports:
+                groups.union(port, p)
+            if why:
+                groups.freeze(port, f"`{call.path}` {why}")
+    found.blocks, found.stacks = _skippable_blocks(model, graph, walker)
+    _head_groups(model, graph, found)
+    claimed = {f"{h.path}.{p}".strip(".") for h in found.heads for p in _spec_paths(h.spec)}
+    members: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for port in list(groups.parent):
+        members.setdefault(groups.find(port), []).append(port)
+    for root, ports in members.items():
+        ports.sort(key=lambda p: graph.modules[p[0]].calls[0])
+        label = f"{ports[0][0]}.{ports[0][1]}"
+        producers = tuple(p for p, k in ports if k == "out")
+        consumers = tuple(p for p, k in ports if k == "in")
+        channel = tuple(p for p, k in ports if k == "ch")
+        sizes = {_port_size(walker.mods[p], k) for p, k in ports}
+        why = groups.reason.get(root)
+        if why is None and (not producers or not consumers):
+            why = "has no producer/consumer pair"
+        if why is None and len(sizes) > 1:
+            why = f"couples dims of different sizes {sorted(sizes)}"
+        if why is None and any(p in claimed for p, _ in ports):
+            why = "belongs to attention heads"
+        block = _enclosing_block(found.blocks, producers + consumers + channel)
+        if why is None and not residual and block is None and any(
+            _enclosing_block(found.blocks, (p,)) for p, _ in ports
+        ):
+            why = "is a residual stream across blocks (opt in with `space={'residual': True}`)"
+        if why:
+            found.frozen[label] = why
+            continue
+        found.widths.append(WidthGroup(f"{producers[0]}.width", sizes.pop(), producers, consumers, channel, block))
+    found.heads = [HeadGroup(h.name, h.path, h.spec, _enclosing_block(found.blocks, (h.path,))) for h in found.heads]
+    return found
+
+
+def _spec_paths(spec: HeadSpec) -> list[str]:
+    return [p for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o) if p]
+
+
+def _enclosing_block(blocks: list[SkipBlock], paths: tuple[str, ...]) -> str | None:
+    best = None
+    for b in blocks:
+        if all(p == b.path or p.startswith(b.path + ".") for p in paths):
+            if best is None or len(b.path) > len(best):
+                best = b.path
+    return best
+
+
+def _head_groups(model: nn.Module, graph: ModuleGraph, found: Discovery) -> None:
+    mods = dict(model.named_modules())
+    claimed: set[str] = set()
+    for path, node in graph.modules.items():
+        if not node.calls:
+            continue
+        spec = find_head_spec(mods[path])
+        if spec is None:
+            continue
+        paths = [f"{path}.{p}".strip(".") for p in _spec_paths(spec)]
+        if not all(module_kind(mods[p]) == "linear" for p in paths):
+            found.frozen[f"{path}.heads"] = "a q/k/v/output projection is not a plain nn.Linear"
+            continue
+        claimed.update(paths)
+        found.heads.append(HeadGroup(f"{path}.heads", path, spec))
+    for path, node in graph.modules.items():
+        mod = mods[path]
+        if node.calls and looks_like_attention(mod):
+            linears = [f"{path}.{n}".strip(".") for n, c in mod.named_children() if isinstance(c, nn.Linear)]
+            if not any(p in claimed for p in linears):
+                found.unsupported[path] = type(mod).__name__
+
+
+def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Walker) -> tuple[list[SkipBlock], dict[str, int]]:
+    blocks: list[SkipBlock] = []
+    stacks: dict[str, int] = {}
+    for path, container in model.named_modules():
+        if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
+            continue
+        for index, (name, _) in enumerate(container.named_children()):
+            child = f"{path}.{name}" if path else name
+            node = graph.modules.get(child)
+            if node is None or len(node.calls) != 1:
+                continue
+            call = graph.calls[node.calls[0]]
+            weighted = any(walker.kinds.get(p) in ("linear", "conv") for p in graph.modules if p.startswith(child + "."))
+            if weighted and _is_residual(call, graph, walker):
+                blocks.append(SkipBlock(child, path, index, call.out_len))
+    # keep the finest granularity: a block that holds skippable blocks (a whole stage) is not one itself
+    blocks = [b for b in blocks if not any(o.path.startswith(b.path + ".") for o in blocks)]
+    for b in blocks:
+        stacks[b.stack] = len(model.get_submodule(b.stack))
+    return blocks, stacks
+
+
+def _is_residual(call: Call, graph: ModuleGraph, walker: _Walker) -> bool:
+    if not call.in_nodes or not call.out_nodes or call.in_nodes[0] is None or call.out_nodes[0] is None:
+        return False
+    if call.in_shapes[0] != call.out_shapes[0] or call.out_len == -1 or any(call.out_is_tensor[1:]):
+        return False
+    source, sink = call.in_nodes[0], call.out_nodes[0]
+    if source in graph.output_nodes:
+        return False
+    # an identity path sink -> source through ops of this call that avoid every linear/conv
+    stack, seen, identity = [sink], set(), False
+    while stack and not identity:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        owner = walker.owner(node)
+        if owner is not None and walker.kinds.get(owner.path) in ("linear", "conv"):
+            continue
+        for child, _ in node.next_functions:
+            if child is source:
+                identity = True
+            elif child is not None and (seq := seq_nr(child)) is not None and call.owns(seq):
+                stack.append(child)
+    if not identity:
+        return False
+    # edge contraction is only valid if nothing outside the block reads the block's inner results
+    for node, parents in graph.parents.items():
+        seq = seq_nr(node)
+        if seq is None or not call.owns(seq) or node is sink:
+            continue
+        for parent in parents:
+            pseq = seq_nr(parent)
+            if pseq is not None and not call.owns(pseq):
+                return False
+    return True
