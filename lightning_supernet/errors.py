@@ -14,7 +14,11 @@ from __future__ import annotations
 __all__ = [
     "ConfigMismatchError",
     "DiscoveryError",
+    "InfeasibleConstraintsError",
+    "MissingDependencyError",
+    "SearchError",
     "SearchSpaceError",
+    "StorageError",
     "SupernetError",
     "UnsupportedModelError",
 ]
@@ -60,5 +64,41 @@ class UnsupportedModelError(SupernetError, TypeError):
 
     Example:
         >>> issubclass(UnsupportedModelError, TypeError)
+        True
+    """
+
+
+class SearchError(SupernetError, ValueError):
+    """A subnet search was given an argument it cannot use (unknown objective, bad direction or constraint).
+
+    Example:
+        >>> issubclass(SearchError, ValueError)
+        True
+    """
+
+
+class InfeasibleConstraintsError(SearchError):
+    """No subnet of the search space can satisfy the search's constraints (even the smallest breaks one).
+
+    Example:
+        >>> issubclass(InfeasibleConstraintsError, SearchError)
+        True
+    """
+
+
+class StorageError(SupernetError, RuntimeError):
+    """The Optuna storage of a search cannot be opened or reached.
+
+    Example:
+        >>> issubclass(StorageError, RuntimeError)
+        True
+    """
+
+
+class MissingDependencyError(SupernetError, ImportError):
+    """An optional dependency of an integration is not installed; the message names the extra to install.
+
+    Example:
+        >>> issubclass(MissingDependencyError, ImportError)
         True
     """

@@ -1,0 +1,158 @@
+"""The demo's data and model: scikit-learn's 8x8 digits and a small ViT LightningModule (no downloads).
+
+:class:`DigitsDataModule` serves ``load_digits()`` (1797 images, 10 classes) as ``(N, 1, 8, 8)`` float tensors
+scaled to ``[0, 1]``, split once with a seeded generator. :class:`DigitsViT` is an ordinary LightningModule around
+:class:`~lightning_supernet.models.TinyViT` that logs ``train_loss``, ``val_loss`` and ``val_acc``; it knows
+nothing about supernets. Both back the ``lightning-supernet demo`` command, the tests and the benchmarks.
+
+Example:
+    >>> dm = DigitsDataModule(batch_size=32)
+    >>> dm.setup("fit")
+    >>> x, y = next(iter(dm.train_dataloader()))
+    >>> tuple(x.shape), DigitsViT(dim=32, depth=2, num_heads=2)(x).shape[-1]
+    ((32, 1, 8, 8), 10)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_supernet.errors import MissingDependencyError
+from lightning_supernet.models import TinyViT
+
+__all__ = ["DigitsDataModule", "DigitsViT"]
+
+
+def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(
+            "the digits demo needs scikit-learn (its `load_digits` data ships inside the package). "
+            "HINT: pip install 'lightning-supernet[demo]'"
+        ) from err
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    y = torch.tensor(data.target, dtype=torch.long)
+    return x, y
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    """scikit-learn's digits as a LightningDataModule: a seeded train/val split, tensors held in memory.
+
+    Args:
+        batch_size: batch size of every loader.
+        val_fraction: share of the 1797 images held out for validation (and test).
+        seed: seed of the split and of the training loader's shuffling.
+        num_workers: ``DataLoader`` workers (0 is fastest for this tiny data set).
+
+    Raises:
+        ValueError: ``val_fraction`` outside (0, 1) or ``batch_size`` < 1.
+
+    Example:
+        >>> dm = DigitsDataModule(val_fraction=0.25)
+        >>> dm.setup("validate")
+        >>> len(dm.val_set)
+        449
+    """
+
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size!r}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and split the images once (later calls are free)."""
+        if self.train_set is not None:
+            return
+        x, y = _load_digits()
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
+        n_val = int(round(len(y) * self.val_fraction))
+        val, train = order[:n_val], order[n_val:]
+        self.train_set = TensorDataset(x[train], y[train])
+        self.val_set = TensorDataset(x[val], y[val])
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches (seeded)."""
+        self.setup()
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches, in a fixed order."""
+        self.setup()
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation split again (the demo has no separate test split)."""
+        return self.val_dataloader()
+
+
+class DigitsViT(pl.LightningModule):
+    """A TinyViT classifier for 8x8 digits; logs ``train_loss``, ``val_loss`` and ``val_acc``.
+
+    Args:
+        dim: embedding width. depth: transformer blocks. num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width / ``dim``. patch_size: side of a patch (8 must be divisible by it).
+        lr: AdamW learning rate. weight_decay: AdamW weight decay. max_epochs: length of the cosine schedule.
+
+    Note:
+        A subnet extracted from a supernet of this module is a ``DigitsViT`` whose tensors are smaller; its
+        ``hparams`` still describe the full model.
+
+    Example:
+        >>> m = DigitsViT(dim=32, depth=2, num_heads=2)
+        >>> m.example_input_array.shape
+        torch.Size([1, 1, 8, 8])
+    """
+
+    def __init__(self, dim: int = 64, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 2.0, patch_size: int = 2,
+                 lr: float = 3e-3, weight_decay: float = 0.01, max_epochs: int = 10) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = TinyViT(img_size=8, patch_size=patch_size, in_chans=1, dim=dim, depth=depth, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, num_classes=10)
+        self.example_input_array = torch.zeros(1, 1, 8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc = (logits.argmax(-1) == y).float().mean()
+        self.log("val_loss", loss, prog_bar=True, batch_size=len(y))
+        self.log("val_acc", acc, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        self.log("test_acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y))
+        return F.cross_entropy(logits, y)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
