@@ -28,20 +28,22 @@ import torch
 from torch import nn
 
 from lightning_supernet import cost as _cost
-from lightning_supernet.elastic import SkippableBlock, make_elastic, mixin_for
+from lightning_supernet.build import build_space, candidate_dims, make_appliers
+from lightning_supernet.elastic import mixin_for
 from lightning_supernet.errors import DiscoveryError, SearchSpaceError, UnsupportedModelError
 from lightning_supernet.extract import extract_model
 from lightning_supernet.ir.checks import check_discovery
 from lightning_supernet.ir.discover import Discovery, discover
 from lightning_supernet.ir.graph import ModuleGraph, trace
-from lightning_supernet.space import Dim, SearchSpace, SpaceOptions, SubnetConfig
+from lightning_supernet.space import SpaceOptions, SubnetConfig
+from lightning_supernet.training import StepLoopMixin, capture_outputs
 
 __all__ = ["SupernetModule"]
 
 _SUPPORTED = "Linear, Conv2d (groups=1 or depthwise), BatchNorm1d/2d, LayerNorm; attention through head adapters"
 
 
-class SupernetModule(pl.LightningModule):
+class SupernetModule(StepLoopMixin, pl.LightningModule):
     """A weight-sharing supernet around an unchanged model.
 
     Args:
@@ -54,6 +56,13 @@ class SupernetModule(pl.LightningModule):
         output_transform: picks the tensor used for distillation out of structured outputs (``ModelOutput``,
             dicts); by default the first tensor.
         optimizer: for a plain ``nn.Module``, ``optimizer(params)`` builds the optimizer (default AdamW, lr 1e-3).
+        eval_subnets: subnets validated every epoch: names among ``"largest"``, ``"smallest"``, ``"middle"`` and/or
+            ``{name: config}``; their metrics are logged as ``val/<metric>/<name>`` (the first also under the
+            user's own names). Inside ``with supernet.subnet(cfg):`` only ``cfg`` is validated.
+        gradient_clip_val: clip gradients to this norm/value before each optimizer step (Trainer's own flag is
+            off under the manual optimisation the multi-subnet step needs).
+        gradient_clip_algorithm: ``"norm"`` or ``"value"``.
+        accumulate_grad_batches: step the optimizer every this many batches (replaces the Trainer's flag).
 
     Raises:
         DiscoveryError: no example input, or the model cannot be run on it.
@@ -71,8 +80,22 @@ class SupernetModule(pl.LightningModule):
     def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None = None, *,
                  example_input: Any = None, space: SpaceOptions | Mapping[str, Any] | None = None,
                  output_transform: Callable[[Any], torch.Tensor] | None = None,
-                 optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> None:
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 eval_subnets: Any = ("largest", "smallest", "middle"), gradient_clip_val: float | None = None,
+                 gradient_clip_algorithm: str = "norm", accumulate_grad_batches: int = 1) -> None:
         super().__init__()
+        self.automatic_optimization = False
+        if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
+            raise ValueError(f"`accumulate_grad_batches` must be an int >= 1, got {accumulate_grad_batches!r}")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise ValueError(f"`gradient_clip_algorithm` must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"`gradient_clip_val` must be > 0 or None, got {gradient_clip_val!r}")
+        self.gradient_clip_val = gradient_clip_val
+        self.gradient_clip_algorithm = gradient_clip_algorithm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self._pinned = 0
+        self._metric_copies: dict[str, Any] = {}
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a LightningModule or nn.Module, got {type(model).__name__}")
         if isinstance(model, SupernetModule):
@@ -97,14 +120,20 @@ class SupernetModule(pl.LightningModule):
         found = discover(model, graph, residual=self.space_options.residual)
         check_discovery(model, graph, found)
         self._check_supported(found, graph)
-        self.search_space = _build_space(found, self.space_options)
+        self.search_space = build_space(found, self.space_options)
         graph.release()
         self.ir: ModuleGraph = graph
         self.discovery: Discovery = found
         if not self.search_space.dims:
             raise UnsupportedModelError(self._nothing_elastic(found))
-        self._appliers = _make_elastic(model, found, self.search_space)
+        self._appliers = make_appliers(model, found, self.search_space)
         self._active = self.search_space.largest()
+        if isinstance(model, pl.LightningModule) and not model.automatic_optimization:
+            raise TypeError(f"`{type(model).__name__}` uses manual optimisation; SupernetModule runs backward and the "
+                            "optimizer itself (one step per multi-subnet plan): wrap a module with automatic "
+                            "optimisation whose `training_step` returns the loss")
+        self.eval_subnets = eval_subnets
+        self._eval_subnet_configs = self._resolve_eval_subnets(eval_subnets)
 
     # -- discovery errors -------------------------------------------------------------------------------------
     def _check_supported(self, found: Discovery, graph: ModuleGraph) -> None:
@@ -116,7 +145,7 @@ class SupernetModule(pl.LightningModule):
                 "HeadSpec naming its q/k/v or qkv and output projections), or keep heads fixed with "
                 "`space={'elastic': ['width', 'depth']}`"
             )
-        names = [d.name for d in _candidate_dims(found)]
+        names = [d.name for d in candidate_dims(found)]
         for pattern in self.space_options.include:
             import fnmatch
 
@@ -170,12 +199,42 @@ class SupernetModule(pl.LightningModule):
             >>> sn.active_config == sn.search_space.largest()
             True
         """
-        previous = self._active
-        cfg = self.activate(cfg)
+        self._pinned += 1
         try:
-            yield cfg
+            with self._using(cfg) as active:
+                yield active
         finally:
-            self.activate(previous)
+            self._pinned -= 1
+
+    @contextlib.contextmanager
+    def _using(self, cfg: Mapping[str, Any] | None) -> Iterator[SubnetConfig]:
+        previous = self._active
+        active = self.activate(cfg) if cfg is not None else previous
+        try:
+            yield active
+        finally:
+            if active is not previous:
+                self.activate(previous)
+
+    def _capture(self) -> Any:
+        return capture_outputs(self.model)
+
+    def _resolve_eval_subnets(self, eval_subnets: Any) -> dict[str, SubnetConfig]:
+        named = {"largest": self.search_space.largest, "smallest": self.search_space.smallest,
+                 "middle": self.search_space.middle}
+        if eval_subnets is None:
+            return {}
+        items = eval_subnets.items() if isinstance(eval_subnets, Mapping) else [(e, e) for e in eval_subnets]
+        out = {}
+        for name, value in items:
+            if isinstance(value, str):
+                if value not in named:
+                    raise ValueError(f"`eval_subnets` has {value!r}; allowed names: largest, smallest, middle, "
+                                     "or a {name: config} mapping")
+                out[name] = named[value]()
+            else:
+                out[str(name)] = self.search_space.validate(value)
+        return out
 
     def cost(self, cfg: Mapping[str, Any] | None = None) -> dict[str, int]:
         """``{"params": ..., "macs": ...}`` of a subnet (default: the active one), on the example input.
@@ -240,27 +299,43 @@ class SupernetModule(pl.LightningModule):
         finally:
             inner._current_fx_name = previous
 
-    def training_step(self, batch: Any, batch_idx: int) -> Any:
-        if self._inner_lm is not None:
-            return self._inner("training_step", batch, batch_idx)
-        loss = self._plain_loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
-        if self._inner_lm is not None:
-            return self._inner("validation_step", batch, batch_idx, *args)
-        return self._plain_eval(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
-        if self._inner_lm is not None:
-            return self._inner("test_step", batch, batch_idx, *args)
-        return self._plain_eval(batch, "test")
-
     def predict_step(self, batch: Any, batch_idx: int, *args: Any) -> Any:
         if self._inner_lm is not None:
             return self._inner("predict_step", batch, batch_idx, *args)
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch)
+
+    def batch_to_input(self, batch: Any) -> Any:
+        """The model input inside a training batch (used by BN recalibration); override for other layouts.
+
+        Default: the first item of a tuple/list batch, a dict without label keys, or the batch itself.
+
+        Example:
+            >>> import torch
+            >>> SupernetModule.batch_to_input(None, (torch.ones(1), torch.zeros(1))).item()
+            1.0
+        """
+        if isinstance(batch, (tuple, list)):
+            return batch[0]
+        if isinstance(batch, Mapping):
+            return {k: v for k, v in batch.items() if k not in ("labels", "label", "target", "targets", "y")}
+        return batch
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the search space's fingerprint and the active config; then the wrapped module's hook."""
+        checkpoint["supernet"] = {"fingerprint": self.search_space.fingerprint, "active": self._active.to_dict()}
+        if self._inner_lm is not None:
+            self._inner("on_save_checkpoint", checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Check the checkpoint's search space matches; then the wrapped module's hook."""
+        meta = checkpoint.get("supernet")
+        if meta is not None and meta["fingerprint"] != self.search_space.fingerprint:
+            raise SearchSpaceError(
+                f"the checkpoint was saved from a supernet with search space {meta['fingerprint']}, this one is "
+                f"{self.search_space.fingerprint}: build the SupernetModule with the same model and `space=`"
+            )
+        if self._inner_lm is not None:
+            self._inner("on_load_checkpoint", checkpoint)
 
     def configure_optimizers(self) -> Any:
         if self._inner_lm is not None:
@@ -303,8 +378,8 @@ class SupernetModule(pl.LightningModule):
 
 
 for _hook in ("on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "on_train_epoch_start",
-              "on_train_epoch_end", "on_validation_start", "on_validation_end", "on_validation_epoch_start",
-              "on_validation_epoch_end", "on_test_epoch_start", "on_test_epoch_end", "on_predict_epoch_end"):
+              "on_validation_start", "on_validation_end", "on_validation_epoch_end", "on_test_epoch_end",
+              "on_predict_epoch_end", "on_train_batch_start", "on_train_batch_end"):
 
     def _delegate(self, *args, _name=_hook, **kwargs):
         if self._inner_lm is not None:
@@ -316,128 +391,3 @@ for _hook in ("on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "o
     setattr(SupernetModule, _hook, _delegate)
 
 
-# -- building the space and the elastic modules -------------------------------------------------------------------
-def _candidate_dims(found: Discovery) -> list[Dim]:
-    dims = [Dim(b.name, "depth", (True, False), stack=b.stack) for b in found.blocks]
-    dims += [Dim(h.name, "heads", (h.spec.num_heads,), block=h.block) for h in found.heads]
-    dims += [Dim(w.name, "width", (w.size,), block=w.block) for w in found.widths]
-    return dims
-
-
-def _ratios_to_choices(full: int, ratios: tuple[float, ...], step: int) -> tuple[int, ...]:
-    values = set()
-    for r in ratios:
-        v = int(round(r * full / step)) * step
-        values.add(min(full, max(step, v)))
-    values.add(full)
-    return tuple(sorted(values, reverse=True))
-
-
-def _build_space(found: Discovery, opts: SpaceOptions) -> SearchSpace:
-    dims: list[Dim] = []
-    order: list[tuple[str, Dim]] = []
-    for h in found.heads:
-        if opts.selects(h.name, "heads"):
-            g = h.spec.kv_group
-            choices = opts.explicit_choices(h.name) or _ratios_to_choices(h.spec.num_heads, opts.head_ratios, g)
-            _check_choices(h.name, choices, h.spec.num_heads, g)
-            order.append((h.path, Dim(h.name, "heads", tuple(choices), block=h.block)))
-    for w in found.widths:
-        if opts.selects(w.name, "width"):
-            step = opts.round_to if w.size % opts.round_to == 0 and w.size >= 4 * opts.round_to else 1
-            choices = opts.explicit_choices(w.name) or _ratios_to_choices(w.size, opts.width_ratios, step)
-            _check_choices(w.name, choices, w.size, 1)
-            order.append((w.producers[0], Dim(w.name, "width", tuple(choices), block=w.block)))
-    stacks: dict[str, tuple[int, int]] = {}
-    for b in found.blocks:
-        if opts.selects(b.name, "depth"):
-            order.append((b.path, Dim(b.name, "depth", (True, False), stack=b.stack)))
-            length = found.stacks[b.stack]
-            stacks[b.stack] = (length, opts.min_kept(length))
-    # model order: a block's keep flag first, then the dims inside it
-    order.sort(key=lambda item: (item[0].split("."), item[1].kind != "depth"))
-    dims = [d for _, d in order]
-    return SearchSpace(dims, stacks, keep_prob=opts.keep_prob)
-
-
-def _check_choices(name: str, choices: tuple, full: int, multiple: int) -> None:
-    for v in choices:
-        if not isinstance(v, int) or isinstance(v, bool) or not (1 <= v <= full) or v % multiple:
-            allowed = f"ints in [1, {full}]" + (f" that are multiples of {multiple}" if multiple > 1 else "")
-            raise SearchSpaceError(f"`space['choices']` gives dim `{name}` the choice {v!r}; allowed: {allowed}")
-
-
-_OUT = {"linear": "active_out_features", "conv": "active_out_channels"}
-_IN = {"linear": "active_in_features", "conv": "active_in_channels"}
-
-
-def _port_attr(mod: nn.Module, port: str) -> str:
-    if port == "ch":
-        return "active_out_channels" if isinstance(mod, nn.Conv2d) else "active_num_features"
-    kind = "linear" if isinstance(mod, nn.Linear) else "conv"
-    return (_OUT if port == "out" else _IN)[kind]
-
-
-def _setter(targets: list[tuple[nn.Module, str]], full: int) -> Callable[[int], None]:
-    def apply(value: int) -> None:
-        v = None if value == full else value
-        for mod, attr in targets:
-            setattr(mod, attr, v)
-
-    return apply
-
-
-def _head_setter(anchor: nn.Module, spec) -> Callable[[int], None]:
-    q, k, v, qkv, o = (anchor.get_submodule(p) if p else None for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o))
-    originals = {(p, a): getattr(anchor.get_submodule(p) if p else anchor, a)
-                 for p, a in spec.head_attrs + spec.size_attrs + spec.kv_attrs}
-    if qkv is not None:
-        qkv.out_blocks = 3
-
-    def apply(heads: int) -> None:
-        full = heads == spec.num_heads
-        width = None if full else heads * spec.head_dim
-        kv = None if full else heads // spec.kv_group * spec.head_dim
-        for lin, w in ((q, width), (qkv, width), (k, kv), (v, kv)):
-            if lin is not None:
-                lin.active_out_features = w
-        o.active_in_features = width
-        values = {**{key: heads for key in spec.head_attrs}, **{key: heads * spec.head_dim for key in spec.size_attrs},
-                  **{key: heads // spec.kv_group for key in spec.kv_attrs}}
-        for (p, a), value in values.items():
-            setattr(anchor.get_submodule(p) if p else anchor, a, originals[(p, a)] if full else value)
-
-    return apply
-
-
-def _make_elastic(model: nn.Module, found: Discovery, space: SearchSpace) -> dict[str, Callable[[Any], None]]:
-    appliers: dict[str, Callable[[Any], None]] = {}
-    for w in found.widths:
-        if w.name not in space.dims:
-            continue
-        targets = []
-        for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
-            for path in ports:
-                mod = model.get_submodule(path)
-                make_elastic(mod, mixin_for(mod))
-                targets.append((mod, _port_attr(mod, port)))
-        appliers[w.name] = _setter(targets, w.size)
-    for h in found.heads:
-        if h.name not in space.dims:
-            continue
-        anchor = model.get_submodule(h.path)
-        for p in (h.spec.q, h.spec.k, h.spec.v, h.spec.qkv, h.spec.o):
-            if p:
-                make_elastic(anchor.get_submodule(p), mixin_for(anchor.get_submodule(p)))
-        appliers[h.name] = _head_setter(anchor, h.spec)
-    for b in found.blocks:
-        if b.name not in space.dims:
-            continue
-        block = model.get_submodule(b.path)
-        make_elastic(block, SkippableBlock, skip_output_len=b.out_len)
-
-        def keep(value: bool, block=block) -> None:
-            block.skipped = not value
-
-        appliers[b.name] = keep
-    return appliers

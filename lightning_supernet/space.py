@@ -278,6 +278,20 @@ class SearchSpace:
                 values[name] = True
         return self._make(values)
 
+    def middle(self) -> SubnetConfig:
+        """Every width and head count at its median choice; each stack keeps the blocks halfway between its
+        minimum and all.
+
+        Example:
+            >>> SearchSpace([Dim("w", "width", (4, 8, 16))]).middle()["w"]
+            8
+        """
+        values = {n: sorted(d.choices)[(len(d.choices) - 1) // 2] for n, d in self.dims.items() if d.kind != "depth"}
+        for stack, names in self._stack_blocks.items():
+            keep = math.ceil((self._min_skippable_kept(stack) + len(names)) / 2)
+            values.update({n: i < keep for i, n in enumerate(names)})
+        return self._make(values)
+
     def config(self, values: Mapping[str, Any] | None = None, **kwargs: Any) -> SubnetConfig:
         """The largest config with some dims changed; validated.
 
