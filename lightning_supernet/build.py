@@ -90,36 +90,53 @@ def _port_attr(mod: nn.Module, port: str) -> str:
     return (_OUT if port == "out" else _IN)[kind]
 
 
-def _setter(targets: list[tuple[nn.Module, str]], full: int) -> Callable[[int], None]:
-    def apply(value: int) -> None:
-        v = None if value == full else value
-        for mod, attr in targets:
+class _WidthSetter:
+    """Sets the active width on every port of a group (an object, not a closure, so deepcopy/pickle of the
+    supernet re-point it at the copied modules)."""
+
+    def __init__(self, targets: list[tuple[nn.Module, str]], full: int) -> None:
+        self.targets, self.full = targets, full
+
+    def __call__(self, value: int) -> None:
+        v = None if value == self.full else value
+        for mod, attr in self.targets:
             setattr(mod, attr, v)
 
-    return apply
 
+class _HeadSetter:
+    """Slices q/k/v (or fused qkv) rows and output-projection columns head by head; sets the head attributes."""
 
-def _head_setter(anchor: nn.Module, spec) -> Callable[[int], None]:
-    q, k, v, qkv, o = (anchor.get_submodule(p) if p else None for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o))
-    originals = {(p, a): getattr(anchor.get_submodule(p) if p else anchor, a)
-                 for p, a in spec.head_attrs + spec.size_attrs + spec.kv_attrs}
-    if qkv is not None:
-        qkv.out_blocks = 3
+    def __init__(self, anchor: nn.Module, spec) -> None:
+        self.anchor, self.spec = anchor, spec
+        self.q, self.k, self.v, self.qkv, self.o = (anchor.get_submodule(p) if p else None
+                                                    for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o))
+        self.originals = {(p, a): getattr(anchor.get_submodule(p) if p else anchor, a)
+                          for p, a in spec.head_attrs + spec.size_attrs + spec.kv_attrs}
+        if self.qkv is not None:
+            self.qkv.out_blocks = 3
 
-    def apply(heads: int) -> None:
+    def __call__(self, heads: int) -> None:
+        spec = self.spec
         full = heads == spec.num_heads
         width = None if full else heads * spec.head_dim
         kv = None if full else heads // spec.kv_group * spec.head_dim
-        for lin, w in ((q, width), (qkv, width), (k, kv), (v, kv)):
+        for lin, w in ((self.q, width), (self.qkv, width), (self.k, kv), (self.v, kv)):
             if lin is not None:
                 lin.active_out_features = w
-        o.active_in_features = width
+        self.o.active_in_features = width
         values = {**{key: heads for key in spec.head_attrs}, **{key: heads * spec.head_dim for key in spec.size_attrs},
                   **{key: heads // spec.kv_group for key in spec.kv_attrs}}
         for (p, a), value in values.items():
-            setattr(anchor.get_submodule(p) if p else anchor, a, originals[(p, a)] if full else value)
+            target = self.anchor.get_submodule(p) if p else self.anchor
+            setattr(target, a, self.originals[(p, a)] if full else value)
 
-    return apply
+
+class _KeepSetter:
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self, value: bool) -> None:
+        self.block.skipped = not value
 
 
 def make_appliers(model: nn.Module, found: Discovery, space: SearchSpace) -> dict[str, Callable[[Any], None]]:
@@ -134,7 +151,7 @@ def make_appliers(model: nn.Module, found: Discovery, space: SearchSpace) -> dic
                 mod = model.get_submodule(path)
                 make_elastic(mod, mixin_for(mod))
                 targets.append((mod, _port_attr(mod, port)))
-        appliers[w.name] = _setter(targets, w.size)
+        appliers[w.name] = _WidthSetter(targets, w.size)
     for h in found.heads:
         if h.name not in space.dims:
             continue
@@ -142,15 +159,11 @@ def make_appliers(model: nn.Module, found: Discovery, space: SearchSpace) -> dic
         for p in (h.spec.q, h.spec.k, h.spec.v, h.spec.qkv, h.spec.o):
             if p:
                 make_elastic(anchor.get_submodule(p), mixin_for(anchor.get_submodule(p)))
-        appliers[h.name] = _head_setter(anchor, h.spec)
+        appliers[h.name] = _HeadSetter(anchor, h.spec)
     for b in found.blocks:
         if b.name not in space.dims:
             continue
         block = model.get_submodule(b.path)
         make_elastic(block, SkippableBlock, skip_output_len=b.out_len)
-
-        def keep(value: bool, block=block) -> None:
-            block.skipped = not value
-
-        appliers[b.name] = keep
+        appliers[b.name] = _KeepSetter(block)
     return appliers

@@ -18,6 +18,7 @@ __all__ = [
     "MissingDependencyError",
     "SearchError",
     "SearchSpaceError",
+    "SearchWorkerError",
     "StorageError",
     "SupernetError",
     "UnsupportedModelError",
@@ -91,6 +92,15 @@ class StorageError(SupernetError, RuntimeError):
 
     Example:
         >>> issubclass(StorageError, RuntimeError)
+        True
+    """
+
+
+class SearchWorkerError(SupernetError, RuntimeError):
+    """A search worker process exited with an error (the trials it completed stay in the study).
+
+    Example:
+        >>> issubclass(SearchWorkerError, RuntimeError)
         True
     """
 

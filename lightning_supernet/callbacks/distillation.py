@@ -112,8 +112,10 @@ class InplaceDistillation(Callback):
         student, teacher = student.float(), teacher.float()
         if self.loss == "mse":
             return F.mse_loss(student, teacher)
-        if self.loss == "bce":
-            return F.binary_cross_entropy_with_logits(student, torch.sigmoid(teacher))
+        if self.loss == "bce":  # Bernoulli KL: cross-entropy to the soft targets minus their entropy
+            target = torch.sigmoid(teacher)
+            return (F.binary_cross_entropy_with_logits(student, target)
+                    - F.binary_cross_entropy_with_logits(teacher, target))
         if self.class_dim not in (-1, student.dim() - 1):
             student, teacher = student.movedim(self.class_dim, -1), teacher.movedim(self.class_dim, -1)
         student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])

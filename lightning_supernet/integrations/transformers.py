@@ -226,36 +226,42 @@ def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str,
     else:
         depth_only = copy.deepcopy(candidate)
     issue = None
-    diff = layout_diff(hf, _meta_build(type(hf), candidate))
-    if diff["shapes"] or diff["attrs"]:
-        issue = _describe_issue(hf, candidate, shapes, diff)
+    reference = _meta_build(type(hf), candidate)
+    diff = layout_diff(hf, reference)
+    if diff["shapes"]:
+        issue = _describe_issue(hf, shapes, diff)
         candidate = depth_only
+    else:
+        # same tensors everywhere: copy attributes that are stale copies of the old config (LlamaMLP keeps
+        # `intermediate_size`) so the model equals what `from_pretrained` will build
+        for path, attrs in diff["attrs"].items():
+            mod, ref = hf.get_submodule(path), reference.get_submodule(path)
+            for key in attrs:
+                setattr(mod, key, getattr(ref, key))
     for key, value in candidate.to_dict().items():
         if key in ("num_hidden_layers", "layer_types", *_PER_LAYER) and getattr(config, key, None) != value:
             setattr(config, key, value)
     _mark(hf, issue)
 
 
-def _describe_issue(hf: nn.Module, candidate: Any, shapes: list[dict[str, int]], diff: Mapping[str, Any]) -> str:
+def _describe_issue(hf: nn.Module, shapes: list[dict[str, int]], diff: Mapping[str, Any]) -> str:
     config_name = type(hf.config).__name__
-    parts = []
+    reasons = []
     for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
         values = [s.get(key) for s in shapes]
         if len(set(values)) > 1:
-            parts.append(f"{key} per layer {values}")
-    reason = (f"the kept layers differ ({'; '.join(parts)}), and a `{config_name}` holds one value for all layers"
-              if parts else f"`{config_name}` cannot describe its shape")
+            reasons.append(f"the kept layers have {key} {values}, and a `{config_name}` holds one value for all "
+                           "layers")
     if "head_dim" not in hf.config.to_dict() and any(
-            s.get("num_attention_heads") != hf.config.num_attention_heads for s in shapes if s):
-        reason += (f"; `{config_name}` has no `head_dim`: it derives the head size as hidden_size // "
-                   "num_attention_heads, so fewer heads of the same size cannot be described")
-    if diff["shapes"]:
-        name, shape = next(iter(diff["shapes"].items()))
-        reason += f" (e.g. `{name}` has shape {tuple(shape)}, which no value of the config gives)"
-    elif diff["attrs"]:
-        path, attrs = next(iter(diff["attrs"].items()))
-        reason += f" (e.g. `{path}` has {attrs}, which no value of the config gives)"
-    return (f"this subnet of `{type(hf).__name__}` cannot be saved with `save_pretrained`: {reason}, so "
+            s.get("num_attention_heads", hf.config.num_attention_heads) != hf.config.num_attention_heads
+            for s in shapes):
+        reasons.append(f"`{config_name}` has no `head_dim`: it derives the head size as hidden_size // "
+                       "num_attention_heads, so fewer heads of the same size cannot be described (keep heads fixed "
+                       "with `space={'elastic': ['width', 'depth']}` to stay within it)")
+    name, shape = next(iter(diff["shapes"].items()))
+    example = f"`{name}` has shape {tuple(shape)}, which no value of the config gives"
+    reasons = "; ".join(reasons) + f" (e.g. {example})" if reasons else example
+    return (f"this subnet of `{type(hf).__name__}` cannot be saved with `save_pretrained`: {reasons}; so "
             "`from_pretrained` could not rebuild it. HINT: save it with "
             "`lightning_supernet.integrations.transformers.save_subnet(model, path)` and reload it with "
             "`load_subnet(path)`, or extract a subnet with the same shape in every layer "

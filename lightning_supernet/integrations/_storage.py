@@ -1,0 +1,125 @@
+"""Opening an Optuna storage with clear errors, fast durable SQLite, and connections that survive ``fork``.
+
+SQLite is switched to write-ahead logging with ``synchronous=NORMAL``: a commit no longer waits for ``fsync``
+(about 15 ms a commit on slow disks, a dozen commits a trial), yet a process killed with SIGKILL loses nothing it
+committed; only a power cut can drop the last transactions. Network databases get a connect timeout, so an
+unreachable server fails fast with :class:`~lightning_supernet.errors.StorageError`.
+
+Example:
+    >>> storage, rdb = make_storage(None)
+    >>> storage is None and rdb is None
+    True
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning_supernet.errors import MissingDependencyError, StorageError
+from lightning_supernet.integrations import require
+
+__all__ = ["make_storage", "prepare_fork", "redact", "reopen_after_fork"]
+
+#: seconds between trial heartbeats; a RUNNING trial silent for ``2 *`` this is marked FAIL by the next worker
+HEARTBEAT_INTERVAL = 60
+_ALLOWED = ("an Optuna storage URL such as 'sqlite:///search.db' or 'postgresql+psycopg2://user:pw@host/db', "
+            "an optuna.storages.BaseStorage, or None (in memory)")
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden (for messages).
+
+    Example:
+        >>> redact("postgresql://bob:secret@db/x")
+        'postgresql://bob:***@db/x'
+    """
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def make_storage(spec: Any) -> tuple[Any, Any]:
+    """``(storage for optuna.create_study, the RDBStorage behind it or None)``.
+
+    Raises:
+        StorageError: an unparsable URL, a missing SQLite folder, or a database that cannot be reached.
+        MissingDependencyError: the URL's database driver is not installed.
+
+    Example:
+        >>> make_storage("nosuchdb://x")  # doctest: +SKIP
+        Traceback (most recent call last):
+        StorageError: `storage`='nosuchdb://x' cannot be opened ...
+    """
+    optuna = require("optuna", "optuna", "the subnet search")
+    if spec is None:
+        return None, None
+    if isinstance(spec, optuna.storages.BaseStorage):
+        inner = getattr(spec, "_backend", spec)
+        return spec, inner if isinstance(inner, optuna.storages.RDBStorage) else None
+    if not isinstance(spec, (str, os.PathLike)):
+        raise StorageError(f"`storage` is a {type(spec).__name__}; allowed: {_ALLOWED}")
+    url = str(spec)
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception as err:
+        raise StorageError(f"`storage`={url!r} is not a database URL; allowed: {_ALLOWED}") from err
+    backend = parsed.get_backend_name()
+    engine_kwargs: dict[str, Any] = {}
+    if backend == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
+            raise StorageError(f"`storage`={url!r}: the folder of the SQLite file ({Path(db).parent}) does not "
+                               "exist; allowed: a path in an existing folder")
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    elif backend in ("postgresql", "mysql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+        engine_kwargs["pool_pre_ping"] = True
+    try:
+        rdb = optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"`storage`={redact(url)!r} needs a database driver that is not installed ({err}). HINT: pip install "
+            "'lightning-supernet[postgres]' (psycopg2-binary) for postgresql+psycopg2:// URLs") from err
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StorageError(
+            f"`storage`={redact(url)!r} cannot be opened: {type(err).__name__}: {first}. HINT: is the database "
+            f"server running and reachable, and do the user, password and database exist? Allowed: {_ALLOWED}"
+        ) from err
+    if backend == "sqlite":
+        _fast_sqlite(rdb)
+    return rdb, rdb
+
+
+def _fast_sqlite(rdb: Any) -> None:
+    from sqlalchemy import event
+
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    event.listen(rdb.engine, "connect", on_connect)
+    rdb.engine.dispose()  # connections opened before the listener reconnect with it
+
+
+def prepare_fork(rdb: Any) -> None:
+    """Close pooled connections before forking workers (a child must not reuse its parent's sockets)."""
+    if rdb is not None:
+        rdb.engine.dispose()
+
+
+def reopen_after_fork(rdb: Any, child: bool = False) -> None:
+    """In a forked child, drop the inherited pool without closing the parent's connections."""
+    if rdb is not None and child:
+        rdb.engine.dispose(close=False)

@@ -1,0 +1,598 @@
+"""Multi-objective subnet search with Optuna: accuracy against params, MACs or measured latency.
+
+Each trial suggests one value per elastic dim (the trial's params are the flat subnet config), repairs a config
+that skips too many blocks, and looks its canonical motif key up: configs that extract to the same network
+(e.g. differing only in the widths of a skipped block) are evaluated once, later trials copy the metrics. A new
+motif is evaluated with ``trainer.validate`` on the active subnet (after BatchNorm recalibration for CNNs), plus
+its exact params/MACs and, when asked for, its latency. Constraints go through ``trial.set_constraint``, which
+Optuna's TPE, NSGA-II and GP samplers all take into account. The study lives in an Optuna storage
+(``sqlite:///search.db`` by default), so a killed search resumes, and several workers can share one PostgreSQL
+study.
+
+Example:
+    >>> from lightning_supernet.integrations.optuna import search_subnets
+    >>> study, front = search_subnets(supernet, datamodule=dm, objectives=("val_acc", "macs"),
+    ...                               constraints={"params": 0.5}, n_trials=50)  # doctest: +SKIP
+    >>> print(front)  # doctest: +SKIP
+    trial  val_acc    macs
+       12   0.9611  1,024,512
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import math
+import multiprocessing
+import os
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from lightning_supernet import cost as _cost
+from lightning_supernet.errors import InfeasibleConstraintsError, SearchError, SearchWorkerError
+from lightning_supernet.integrations import require
+from lightning_supernet.integrations._objectives import (
+    COST_METRICS,
+    ParetoFront,
+    motif_key,
+    parse_constraints,
+    resolve_objectives,
+)
+from lightning_supernet.integrations._storage import make_storage, prepare_fork, reopen_after_fork
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    import optuna
+
+    from lightning_supernet.integrations.mlflow import MlflowTracking
+    from lightning_supernet.module import SupernetModule
+    from lightning_supernet.space import SubnetConfig
+
+__all__ = ["SearchResult", "SubnetSearch", "search_subnets"]
+
+_SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+class SearchResult(NamedTuple):
+    """What a search returns: the Optuna study and its Pareto front (unpacks as ``study, front``).
+
+    Example:
+        >>> study, front = SearchResult(study=None, pareto_front=[])
+        >>> front
+        []
+    """
+
+    study: optuna.Study
+    pareto_front: ParetoFront
+
+
+class SubnetSearch:
+    """An Optuna study over a supernet's subnets; the small methods below are the places to customise.
+
+    Args:
+        supernet: a trained :class:`~lightning_supernet.SupernetModule`.
+        datamodule: gives the validation loader (and the training loader used for BN recalibration).
+        val_dataloaders: validation loader(s), instead of or overriding the datamodule's.
+        objectives: metric names: anything the model's ``validation_step`` logs, plus ``params``, ``macs`` and
+            ``latency_ms``.
+        directions: ``None`` (costs, losses and errors are minimised, the rest maximised), a list, or a mapping.
+        constraints: ``{metric: bound}``; see :func:`~lightning_supernet.integrations._objectives.parse_constraints`
+            (``{"params": 0.5}`` = at most half the largest subnet's params; ``{"val_acc": ">= 0.9"}``).
+        sampler: ``None``/``"tpe"`` (multivariate TPE), ``"nsga2"``, ``"gp"``, ``"random"`` or an Optuna sampler.
+        storage: an Optuna storage URL or object; ``None`` keeps the study in memory.
+        study_name: defaults to ``"supernet-<search space fingerprint>"``.
+        load_if_exists: resume a study of the same name (its objectives and search space must match).
+        limit_val_batches: validation batches per trial (int), or a fraction of the loader (float).
+        latency_device: where ``latency_ms`` is measured (default: the supernet's device).
+        bn_recalibration_batches: training batches used to re-estimate BatchNorm statistics before each
+            evaluation; ``None`` = 20 when the model has BatchNorm layers, else 0.
+        mlflow: a :class:`~lightning_supernet.integrations.mlflow.MlflowTracking`, a tracking URI, or ``None``.
+        seed: seed of the sampler.
+        trainer_kwargs: extra arguments of the validation ``Trainer`` (e.g. ``{"accelerator": "gpu"}``).
+
+    Raises:
+        SearchError: a bad objective, direction, constraint, sampler or limit (metric names are checked in
+            :meth:`setup`, after one validation of the largest subnet).
+
+    Example:
+        >>> class SmallFirst(SubnetSearch):
+        ...     def should_evaluate(self, trial, cfg):
+        ...         return self.costs(cfg)["params"] < 50_000   # prune (skip) bigger subnets
+        >>> study, front = SmallFirst(supernet, dm, storage=None).run(n_trials=20)  # doctest: +SKIP
+    """
+
+    #: untimed and timed forward passes of a latency measurement
+    latency_warmup: int = 3
+    latency_repeats: int = 10
+    #: start a new study with the largest and the smallest subnet (they anchor the Pareto front)
+    enqueue_extremes: bool = True
+    #: exceptions that fail one trial instead of stopping the search
+    catch: tuple[type[Exception], ...] = ()
+    #: Optuna's log level while the search runs (its per-trial INFO lines are replaced by the progress bar)
+    optuna_verbosity: int = 30
+
+    def __init__(self, supernet: SupernetModule, datamodule: pl.LightningDataModule | None = None, *,
+                 val_dataloaders: Any = None, objectives: str | Sequence[str] = ("val_acc", "params"),
+                 directions: Sequence[str] | Mapping[str, str] | None = None,
+                 constraints: Mapping[str, Any] | None = None, sampler: Any = None,
+                 storage: Any = "sqlite:///search.db", study_name: str | None = None, load_if_exists: bool = True,
+                 limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
+                 bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
+                 seed: int | None = None, trainer_kwargs: Mapping[str, Any] | None = None) -> None:
+        if not hasattr(supernet, "search_space") or not hasattr(supernet, "subnet"):
+            raise SearchError(f"`supernet` must be a SupernetModule, got {type(supernet).__name__}. "
+                              "HINT: wrap the model first: `SupernetModule(model)`")
+        if datamodule is None and val_dataloaders is None:
+            raise SearchError("`datamodule` and `val_dataloaders` are both None; allowed: a LightningDataModule with "
+                              "a `val_dataloader()`, or validation DataLoader(s)")
+        if limit_val_batches is not None and (isinstance(limit_val_batches, bool) or not (
+                (isinstance(limit_val_batches, int) and limit_val_batches >= 1)
+                or (isinstance(limit_val_batches, float) and 0 < limit_val_batches <= 1))):
+            raise SearchError(f"`limit_val_batches` is {limit_val_batches!r}; allowed: None, an int >= 1 (batches) "
+                              "or a float in (0, 1] (fraction of the loader)")
+        if bn_recalibration_batches is not None and (isinstance(bn_recalibration_batches, bool)
+                                                     or not isinstance(bn_recalibration_batches, int)
+                                                     or bn_recalibration_batches < 0):
+            raise SearchError(f"`bn_recalibration_batches` is {bn_recalibration_batches!r}; allowed: None or an "
+                              "int >= 0")
+        if not (sampler is None or sampler in _SAMPLERS or hasattr(sampler, "sample_independent")):
+            raise SearchError(f"`sampler` is {sampler!r}; allowed: None, {', '.join(map(repr, _SAMPLERS))} or an "
+                              "optuna.samplers.BaseSampler")
+        self.supernet = supernet
+        self.space = supernet.search_space
+        self.datamodule = datamodule
+        self.val_dataloaders = val_dataloaders
+        self.objectives = resolve_objectives(objectives, directions)
+        self.constraints = parse_constraints(constraints, self.objectives)
+        self.sampler_spec = sampler
+        self.storage_spec = storage
+        self.study_name = study_name or f"supernet-{self.space.fingerprint}"
+        self.load_if_exists = load_if_exists
+        self.limit_val_batches = limit_val_batches
+        self.latency_device = latency_device
+        self.bn_recalibration_batches = bn_recalibration_batches
+        self.tracking = _tracking(mlflow)
+        self.seed = seed
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.needed = {o.name for o in self.objectives} | {c.metric for c in self.constraints}
+        self.study: optuna.Study | None = None
+        self.reference: dict[str, float] | None = None
+        self.evaluations = 0
+        self._cache: dict[str, tuple[dict[str, float], int | str]] = {}
+        self._cost_cache: dict[str, dict[str, float]] = {}
+        self._trainer: pl.Trainer | None = None
+        self._resolved: list = []
+        self._rdb = None
+
+    # -- the pieces a subclass may override -------------------------------------------------------------------
+    def make_sampler(self, seed: int | None) -> optuna.samplers.BaseSampler:
+        """The sampler for ``sampler=`` (a string or ``None``); an instance given by the user is used as is."""
+        optuna = _optuna()
+        spec = self.sampler_spec
+        if spec is not None and not isinstance(spec, str):
+            return spec
+        if spec == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if spec == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        if spec == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+
+    def suggest(self, trial: optuna.Trial) -> SubnetConfig:
+        """One value per dim (param name = dim name), then :meth:`repair`; the repaired config is recorded."""
+        values = {name: trial.suggest_categorical(name, list(dim.choices)) for name, dim in self.space.dims.items()}
+        cfg = self.repair(values)
+        if cfg.to_dict() != values:
+            trial.set_user_attr("config", cfg.to_dict())
+        return cfg
+
+    def repair(self, values: Mapping[str, Any]) -> SubnetConfig:
+        """Keep the earliest skipped blocks of a stack that keeps fewer than its minimum depth; validate.
+
+        Example:
+            >>> search.repair(dict(search.space.smallest()))  # doctest: +SKIP
+        """
+        values = dict(values)
+        for stack, (length, min_kept) in self.space.stacks.items():
+            names = self.space.stack_blocks(stack)
+            need = max(0, min_kept - (length - len(names))) - sum(bool(values[n]) for n in names)
+            for name in [n for n in names if not values[n]][:max(need, 0)]:
+                values[name] = True
+        return self.space.validate(values)
+
+    def motif(self, cfg: SubnetConfig) -> str:
+        """The motif key of a config: equal for configs that extract to the same network."""
+        return motif_key(self.space.canonical(cfg))
+
+    def should_evaluate(self, trial: optuna.Trial, cfg: SubnetConfig) -> bool:
+        """Return ``False`` to prune the trial before its (new) motif is evaluated. Default: always evaluate."""
+        return True
+
+    def costs(self, cfg: SubnetConfig) -> dict[str, float]:
+        """``params``, ``macs`` and (when an objective or constraint needs it) ``latency_ms``; cached by motif."""
+        key = self.motif(cfg)
+        if key not in self._cost_cache:
+            out: dict[str, float] = dict(self.supernet.cost(cfg))
+            if "latency_ms" in self.needed:
+                small = self.supernet.extract(cfg)
+                out["latency_ms"] = _cost.measure_latency(
+                    small, self.supernet.example_input_array, device=self.latency_device or self.supernet.device,
+                    warmup=self.latency_warmup, repeats=self.latency_repeats)
+            self._cost_cache[key] = out
+        return dict(self._cost_cache[key])
+
+    def recalibrate(self, cfg: SubnetConfig) -> None:
+        """Re-estimate BatchNorm statistics of the active subnet (``recalibrate_bn``), when enabled."""
+        batches = self.bn_recalibration_batches
+        if batches is None:
+            batches = 20 if _has_batchnorm(self.supernet) else 0
+        if not batches:
+            return
+        loader = self._calibration_loader()
+        try:
+            from lightning_supernet.callbacks.bn_recalibration import recalibrate_bn
+        except ImportError:
+            _warn_once(self, "BN recalibration is skipped: `lightning_supernet.callbacks.bn_recalibration` is not "
+                             "available, so BatchNorm subnets are evaluated with the supernet's statistics")
+            return
+        if loader is None:
+            _warn_once(self, "BN recalibration is skipped: it needs training batches; pass a `datamodule` with a "
+                             "`train_dataloader()`")
+            return
+        recalibrate_bn(self.supernet, loader, batches)
+
+    def validate(self, cfg: SubnetConfig) -> dict[str, float]:
+        """Metrics of the active subnet from ``trainer.validate`` (the user's own metric names)."""
+        results = self._trainer.validate(self.supernet, dataloaders=self._val_loaders(), verbose=False)
+        metrics: dict[str, float] = {}
+        for res in results:
+            metrics.update({k: float(v) for k, v in res.items()})
+        if not metrics:
+            raise SearchError("`trainer.validate` logged no metric: the model's `validation_step` must `self.log` "
+                              "the metrics named in `objectives` (e.g. self.log('val_acc', acc))")
+        return metrics
+
+    def evaluate(self, cfg: SubnetConfig) -> dict[str, float]:
+        """All metrics of one subnet: its costs, then validation (after BN recalibration) under the subnet."""
+        metrics = self.costs(cfg)
+        with self.supernet.subnet(cfg):
+            self.recalibrate(cfg)
+            metrics.update(self.validate(cfg))
+        self.evaluations += 1
+        return metrics
+
+    def objective(self, trial: optuna.Trial) -> list[float]:
+        """Optuna's objective: suggest, reuse the motif's metrics or evaluate, set constraints, return values."""
+        cfg = self.suggest(trial)
+        key = self.motif(cfg)
+        trial.set_user_attr("motif", key)
+        hit = self.lookup(key)
+        if hit is not None:
+            metrics, source = hit
+            trial.set_user_attr("reused_from", source)
+        else:
+            if not self.should_evaluate(trial, cfg):
+                raise _optuna().TrialPruned(f"`should_evaluate` rejected motif {key}")
+            metrics = self.evaluate(cfg)
+            self._cache[key] = (metrics, trial.number)
+        trial.set_user_attr("metrics", metrics)
+        for c in self._resolved:
+            trial.set_constraint(c.metric, c.violation(metrics[c.metric]))
+        return [metrics[o.name] for o in self.objectives]
+
+    def lookup(self, key: str) -> tuple[dict[str, float], int | str] | None:
+        """Metrics already measured for a motif (this process first, then trials other workers completed)."""
+        if key not in self._cache and self.study is not None and self._rdb is not None:
+            self._load_cache()
+        return self._cache.get(key)
+
+    def export(self, cfg: Mapping[str, Any]) -> torch.nn.Module:
+        """The standalone subnet of ``cfg`` (BatchNorm recalibrated when enabled); the supernet is unchanged."""
+        cfg = self.space.validate(cfg)
+        state = _bn_buffers(self.supernet)
+        try:
+            with self.supernet.subnet(cfg):
+                self.recalibrate(cfg)
+                return self.supernet.extract(cfg)
+        finally:
+            _restore_bn(self.supernet, state)
+
+    def pareto_front(self) -> ParetoFront:
+        """The feasible non-dominated trials, one per motif, best first by the first objective."""
+        rows, seen = [], set()
+        first = self.objectives[0]
+        for t in sorted(self.study.best_trials, key=lambda t: t.number):
+            motif = t.user_attrs.get("motif")
+            if motif in seen:
+                continue
+            seen.add(motif)
+            row: dict[str, Any] = {"trial": t.number}
+            row.update({o.name: v for o, v in zip(self.objectives, t.values, strict=True)})
+            row.update(feasible=all(v <= 0 for v in t.constraints.values()), motif=motif,
+                       config=t.user_attrs.get("config", dict(t.params)), metrics=t.user_attrs.get("metrics", {}))
+            rows.append(row)
+        rows.sort(key=lambda r: r[first.name], reverse=first.direction == "maximize")
+        return ParetoFront(rows, [o.name for o in self.objectives])
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def setup(self) -> optuna.Study:
+        """Measure the largest subnet, check objectives/constraints against it, open or resume the study."""
+        if self.study is not None:
+            return self.study
+        import lightning.pytorch as pl
+
+        self._trainer = pl.Trainer(**{
+            "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+            "enable_model_summary": False, "devices": 1, "num_sanity_val_steps": 0,
+            "limit_val_batches": self.limit_val_batches, **self.trainer_kwargs})
+        self._bn_state = _bn_buffers(self.supernet)
+        largest = self.space.largest()
+        self.reference = self.evaluate(largest)
+        self._check_metrics(self.reference)
+        self._resolved = [c.resolve(self.reference) for c in self.constraints]
+        self._check_feasible()
+        self.study = self._open_study()
+        self._cache.setdefault(self.motif(largest), (self.reference, "reference"))
+        self._load_cache()
+        if self.tracking is not None:
+            self.tracking.start(self)
+        return self.study
+
+    def run(self, n_trials: int = 50, *, n_jobs: int = 1, timeout: float | None = None,
+            show_progress_bar: bool | None = None) -> SearchResult:
+        """Run ``n_trials`` more trials (split over ``n_jobs`` forked worker processes) and return the result.
+
+        Raises:
+            SearchError: a bad ``n_trials``/``n_jobs``, or ``n_jobs > 1`` without a shared storage.
+            InfeasibleConstraintsError: even the smallest subnet breaks a cost constraint.
+            StorageError: the storage cannot be reached.
+
+        Example:
+            >>> study, front = SubnetSearch(supernet, dm, storage=None).run(n_trials=30)  # doctest: +SKIP
+        """
+        if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
+            raise SearchError(f"`n_trials` is {n_trials!r}; allowed: an int >= 0")
+        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
+            raise SearchError(f"`n_jobs` is {n_jobs!r}; allowed: an int >= 1 (worker processes)")
+        if n_jobs > 1 and self.storage_spec is None:
+            raise SearchError(f"`n_jobs`={n_jobs} needs a storage the workers share, but `storage` is None "
+                              "(in memory); allowed: e.g. 'sqlite:///search.db' or a PostgreSQL URL")
+        optuna = _optuna()
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(self.optuna_verbosity)
+        try:
+            self.setup()
+            if show_progress_bar is None:
+                show_progress_bar = sys.stderr.isatty()
+            if n_jobs == 1:
+                self._optimize(n_trials, timeout, show_progress_bar)
+            else:
+                self._optimize_forked(n_trials, n_jobs, timeout)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+            if getattr(self, "_bn_state", None):
+                _restore_bn(self.supernet, self._bn_state)
+        front = self.pareto_front()
+        completed = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if completed and not front and self._resolved:
+            warnings.warn(f"no completed trial meets the constraints ({'; '.join(c.describe() for c in self._resolved)}"
+                          "): the Pareto front is empty. HINT: loosen them or run more trials", stacklevel=2)
+        if self.tracking is not None:
+            self.tracking.finish(self, front)
+        return SearchResult(self.study, front)
+
+    def _optimize(self, n_trials: int, timeout: float | None, show_progress_bar: bool) -> None:
+        self.study.optimize(self.objective, n_trials=n_trials, timeout=timeout, catch=self.catch,
+                            callbacks=[self._after_trial], show_progress_bar=show_progress_bar, gc_after_trial=False)
+
+    def _after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.tracking is not None:
+            self.tracking.log_trial(self, trial)
+
+    def _optimize_forked(self, n_trials: int, n_jobs: int, timeout: float | None) -> None:
+        if os.name != "posix" or torch.cuda.is_initialized():
+            raise SearchError(f"`n_jobs`={n_jobs} forks worker processes, which CUDA does not survive; allowed "
+                              "here: n_jobs=1. HINT: start several `lightning-supernet search` processes on one "
+                              "PostgreSQL study instead")
+        prepare_fork(self._rdb)
+        ctx = multiprocessing.get_context("fork")
+        shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
+        procs = [ctx.Process(target=self._worker, args=(i, share, timeout, n_jobs), daemon=False)
+                 for i, share in enumerate(shares) if share]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        reopen_after_fork(self._rdb)
+        failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+        if failed:
+            raise SearchWorkerError(f"search worker(s) {failed} (index, exit code) did not finish; the trials they "
+                                    "completed are in the study. See their tracebacks above")
+
+    def _worker(self, index: int, n_trials: int, timeout: float | None, n_jobs: int) -> None:
+        reopen_after_fork(self._rdb, child=True)
+        torch.set_num_threads(max(1, torch.get_num_threads() // n_jobs))
+        seed = None if self.seed is None else self.seed + 1000 * (index + 1)
+        sampler = self.make_sampler(seed)
+        if sampler is self.sampler_spec and hasattr(sampler, "reseed_rng"):
+            sampler.reseed_rng()
+        self.study = _optuna().load_study(study_name=self.study_name, storage=self.study._storage, sampler=sampler)
+        self._optimize(n_trials, timeout, show_progress_bar=False)
+
+    # -- setup helpers ----------------------------------------------------------------------------------------
+    def _val_loaders(self) -> Any:
+        if self.val_dataloaders is None:
+            dm = self.datamodule
+            if not getattr(self, "_dm_ready", False):
+                dm.prepare_data()
+                dm.setup("validate")
+                self._dm_ready = True
+            self.val_dataloaders = dm.val_dataloader()
+        return self.val_dataloaders
+
+    def _calibration_loader(self) -> Any:
+        if not hasattr(self, "_calib"):
+            self._calib = None
+            if self.datamodule is not None:
+                with contextlib.suppress(Exception):
+                    self.datamodule.setup("fit")
+                    self._calib = self.datamodule.train_dataloader()
+        return self._calib
+
+    def _check_metrics(self, reference: Mapping[str, float]) -> None:
+        available = list(reference) + [m for m in COST_METRICS if m not in reference]
+        for o in self.objectives:
+            if o.name not in reference:
+                raise SearchError(f"`objectives` has {o.name!r}, which the search cannot measure{_close(o.name, available)}; "
+                                  f"allowed: {', '.join(available)} (metrics the `validation_step` logs, and costs)")
+        for c in self.constraints:
+            if c.metric not in reference:
+                raise SearchError(f"`constraints` bounds {c.metric!r}, a metric that is never measured"
+                                  f"{_close(c.metric, available)}; allowed: {', '.join(available)}")
+        for name in self.needed:
+            if not math.isfinite(reference[name]):
+                raise SearchError(f"the largest subnet's {name!r} is {reference[name]}; metrics used by the search "
+                                  "must be finite numbers")
+
+    def _check_feasible(self) -> None:
+        cost_bounds = [c for c in self._resolved if c.metric in COST_METRICS and c.sense == "<="]
+        if not cost_bounds:
+            return
+        smallest = self.costs(self.space.smallest())
+        for c, raw in zip(self._resolved, self.constraints, strict=True):
+            if c in cost_bounds and not c.satisfied(smallest[c.metric]):
+                need = smallest[c.metric] / self.reference[c.metric]
+                raise InfeasibleConstraintsError(
+                    f"`constraints[{c.metric!r}]` = {raw.spec!r} ({c.describe()}) cannot be met: even the smallest "
+                    f"subnet has {c.metric} = {smallest[c.metric]:,.6g} (largest: {self.reference[c.metric]:,.6g}). "
+                    f"Allowed: a bound >= {smallest[c.metric]:,.6g}, i.e. a fraction >= {need:.4g}")
+
+    def _open_study(self) -> optuna.Study:
+        optuna = _optuna()
+        storage, self._rdb = make_storage(self.storage_spec)
+        directions = [o.direction for o in self.objectives]
+        names = [o.name for o in self.objectives]
+        try:
+            study = optuna.create_study(storage=storage, sampler=self.make_sampler(self.seed),
+                                        study_name=self.study_name, directions=directions,
+                                        load_if_exists=self.load_if_exists)
+        except optuna.exceptions.DuplicatedStudyError as err:
+            raise SearchError(f"`study_name`={self.study_name!r} already exists in the storage and "
+                              "`load_if_exists` is False; allowed: a new name, or load_if_exists=True") from err
+        meta = study.user_attrs.get("lightning_supernet")
+        if meta is None:
+            study.set_user_attr("lightning_supernet", {"fingerprint": self.space.fingerprint, "objectives": names,
+                                                       "directions": directions})
+            study.set_metric_names(names)
+        elif meta.get("fingerprint") != self.space.fingerprint or meta.get("objectives") != names \
+                or [d.name.lower() for d in study.directions] != directions:
+            raise SearchError(
+                f"study {self.study_name!r} was made for search space {meta.get('fingerprint')} with objectives "
+                f"{meta.get('objectives')} {meta.get('directions')}; this search has space {self.space.fingerprint} "
+                f"and {names} {directions}. HINT: pass another `study_name`, or the same model and objectives")
+        if self.enqueue_extremes and not study.get_trials(deepcopy=False):
+            for cfg in (self.space.largest(), self.space.smallest()):
+                study.enqueue_trial(cfg.to_dict(), skip_if_exists=True)
+        return study
+
+    def _load_cache(self) -> None:
+        states = (_optuna().trial.TrialState.COMPLETE,)
+        for t in self.study.get_trials(deepcopy=False, states=states):
+            key, metrics = t.user_attrs.get("motif"), t.user_attrs.get("metrics")
+            if key is not None and metrics is not None and key not in self._cache:
+                self._cache[key] = (metrics, t.user_attrs.get("reused_from", t.number))
+
+
+def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule | None = None, *,
+                   val_dataloaders: Any = None, objectives: str | Sequence[str] = ("val_acc", "params"),
+                   directions: Sequence[str] | Mapping[str, str] | None = None,
+                   constraints: Mapping[str, Any] | None = None, n_trials: int = 50, sampler: Any = None,
+                   storage: Any = "sqlite:///search.db", study_name: str | None = None, load_if_exists: bool = True,
+                   limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
+                   bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
+                   n_jobs: int = 1, show_progress_bar: bool | None = None, timeout: float | None = None,
+                   seed: int | None = None) -> SearchResult:
+    """Search a trained supernet for the best subnets under several objectives (see :class:`SubnetSearch`).
+
+    Args:
+        n_trials: trials this call runs (a resumed study keeps its earlier trials and adds these).
+        n_jobs: worker processes (forked; they share the study through ``storage``).
+        show_progress_bar: Optuna's progress bar (default: when stderr is a terminal).
+        timeout: stop starting trials after this many seconds.
+        The other arguments are :class:`SubnetSearch`'s.
+
+    Returns:
+        ``SearchResult(study, pareto_front)``; ``print(pareto_front)`` shows the table.
+
+    Raises:
+        SearchError: unknown objective, constraint on a missing metric, bad arguments.
+        InfeasibleConstraintsError: no subnet can satisfy the cost constraints.
+        StorageError: the storage URL cannot be reached.
+
+    Example:
+        >>> study, front = search_subnets(supernet, dm, objectives=("val_acc", "latency_ms"),
+        ...                               constraints={"params": 0.5}, n_trials=30, sampler="nsga2",
+        ...                               storage="sqlite:///search.db")  # doctest: +SKIP
+        >>> front[0]["config"]  # doctest: +SKIP
+    """
+    search = SubnetSearch(supernet, datamodule, val_dataloaders=val_dataloaders, objectives=objectives,
+                          directions=directions, constraints=constraints, sampler=sampler, storage=storage,
+                          study_name=study_name, load_if_exists=load_if_exists, limit_val_batches=limit_val_batches,
+                          latency_device=latency_device, bn_recalibration_batches=bn_recalibration_batches,
+                          mlflow=mlflow, seed=seed)
+    return search.run(n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar)
+
+
+# -- helpers --------------------------------------------------------------------------------------------------------
+def _optuna() -> Any:
+    return require("optuna", "optuna", "the subnet search")
+
+
+def _tracking(mlflow: Any) -> Any:
+    if mlflow is None or mlflow is False:
+        return None
+    from lightning_supernet.integrations.mlflow import MlflowTracking
+
+    if mlflow is True:
+        return MlflowTracking()
+    if isinstance(mlflow, str):
+        return MlflowTracking(tracking_uri=mlflow)
+    if isinstance(mlflow, MlflowTracking):
+        return mlflow
+    raise SearchError(f"`mlflow` is {mlflow!r}; allowed: None, True, a tracking URI (str) or an MlflowTracking")
+
+
+def _close(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=2)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def _warn_once(search: SubnetSearch, message: str) -> None:
+    seen = search.__dict__.setdefault("_warned", set())
+    if message not in seen:
+        seen.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _has_batchnorm(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _bn_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{p}.{n}": b.detach().clone() for p, m in module.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for n, b in m.named_buffers(recurse=False)}
+
+
+def _restore_bn(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    buffers = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in state.items():
+            buffers[name].copy_(value)
+
