@@ -98,6 +98,7 @@ class StepLoopMixin:
     # -- training ---------------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         plan = self.make_plan(batch_idx)
+        self._batches_this_epoch = batch_idx + 1
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         boundary = (batch_idx + 1) % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
@@ -191,7 +192,9 @@ class StepLoopMixin:
     def on_train_epoch_end(self) -> None:
         if self._inner_lm is not None:
             self._inner("on_train_epoch_end")
-        self._step_schedulers("epoch")
+        # like Lightning's automatic optimisation: epoch schedulers step only after a complete epoch
+        if getattr(self, "_batches_this_epoch", 0) >= self.trainer.num_training_batches:
+            self._step_schedulers("epoch")
 
     # -- validation of several subnets ------------------------------------------------------------------------
     def eval_configs(self) -> dict[str, SubnetConfig]:

@@ -345,6 +345,30 @@ class SubnetSearch:
             self.tracking.start(self)
         return self.study
 
+    def load_study(self) -> optuna.Study:
+        """Open the existing study without evaluating anything (to export or inspect a finished search).
+
+        The objectives are taken from the study.
+
+        Raises:
+            SearchError: no study of this name, or one made for another search space.
+        """
+        optuna = _optuna()
+        storage, self._rdb = make_storage(self.storage_spec)
+        try:
+            study = optuna.load_study(study_name=self.study_name, storage=storage)
+        except KeyError as err:
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+            raise SearchError(f"`study_name`={self.study_name!r} is not in the storage; allowed: {names}") from err
+        meta = study.user_attrs.get("lightning_supernet") or {}
+        if meta.get("fingerprint", self.space.fingerprint) != self.space.fingerprint:
+            raise SearchError(f"study {self.study_name!r} was made for search space {meta['fingerprint']}, this "
+                              f"supernet's is {self.space.fingerprint}: build the supernet with the same config")
+        if meta.get("objectives"):
+            self.objectives = resolve_objectives(meta["objectives"], meta.get("directions"))
+        self.study = study
+        return study
+
     def run(self, n_trials: int = 50, *, n_jobs: int = 1, timeout: float | None = None,
             show_progress_bar: bool | None = None) -> SearchResult:
         """Run ``n_trials`` more trials (split over ``n_jobs`` forked worker processes) and return the result.
@@ -490,7 +514,9 @@ class SubnetSearch:
         if meta is None:
             study.set_user_attr("lightning_supernet", {"fingerprint": self.space.fingerprint, "objectives": names,
                                                        "directions": directions})
-            study.set_metric_names(names)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(names)
         elif meta.get("fingerprint") != self.space.fingerprint or meta.get("objectives") != names \
                 or [d.name.lower() for d in study.directions] != directions:
             raise SearchError(
