@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -83,9 +84,7 @@ def make_storage(spec: Any) -> tuple[Any, Any]:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
         engine_kwargs["pool_pre_ping"] = True
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL)
+        rdb = _open_rdb(optuna, url, engine_kwargs)
     except ImportError as err:
         raise MissingDependencyError(
             f"`storage`={redact(url)!r} needs a database driver that is not installed ({err}). HINT: pip install "
@@ -99,6 +98,23 @@ def make_storage(spec: Any) -> tuple[Any, Any]:
     if backend == "sqlite":
         _fast_sqlite(rdb)
     return rdb, rdb
+
+
+def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], attempts: int = 5) -> Any:
+    # Workers that start together on a fresh database race to create its tables ("table ... already exists",
+    # a duplicate version row): the loser retries and then finds the schema in place.
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=HEARTBEAT_INTERVAL)
+        except Exception as err:
+            text = str(err).lower()
+            if attempt + 1 == attempts or not any(w in text for w in ("already exists", "duplicate", "unique")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _fast_sqlite(rdb: Any) -> None:

@@ -59,8 +59,8 @@ def server_reachable(tracking_uri: str, timeout: float = 3.0) -> bool:
 
 def _down_message(uri: str, err: Any = None) -> str:
     why = f" ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})" if err else ""
-    return (f"MLflow tracking at {uri!r} is not reachable{why}; going on without MLflow tracking. HINT: start it "
-            f"with `mlflow server --backend-store-uri sqlite:///mlflow.db`, or use the default {DEFAULT_TRACKING_URI!r}")
+    return (f"MLflow tracking at {uri!r} is not reachable{why}; going on without MLflow tracking. HINT: start it with "
+            f"`mlflow server --backend-store-uri sqlite:///mlflow.db`, or use the default {DEFAULT_TRACKING_URI!r}")
 
 
 class _NullClient:
@@ -230,6 +230,27 @@ class MlflowTracking:
         self._logged: set[int] = set()
         self._client: Any = None
         self._pid = os.getpid()
+
+    @classmethod
+    def from_any(cls, spec: Any) -> MlflowTracking:
+        """``True`` (defaults), a tracking URI, or an ``MlflowTracking`` (returned as is).
+
+        Raises:
+            SearchError: anything else.
+
+        Example:
+            >>> MlflowTracking.from_any("sqlite:///x.db").tracking_uri
+            'sqlite:///x.db'
+        """
+        from lightning_supernet.errors import SearchError
+
+        if spec is True:
+            return cls()
+        if isinstance(spec, str):
+            return cls(tracking_uri=spec)
+        if isinstance(spec, cls):
+            return spec
+        raise SearchError(f"`mlflow` is {spec!r}; allowed: None, True, a tracking URI (str) or an MlflowTracking")
 
     # -- guarded entry points (called by SubnetSearch) --------------------------------------------------------
     def start(self, search: SubnetSearch) -> None:

@@ -21,10 +21,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import difflib
-import math
-import multiprocessing
-import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -33,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from lightning_supernet import cost as _cost
-from lightning_supernet.errors import InfeasibleConstraintsError, SearchError, SearchWorkerError
+from lightning_supernet.errors import SearchError
 from lightning_supernet.integrations import require
 from lightning_supernet.integrations._objectives import (
     COST_METRICS,
@@ -42,7 +38,17 @@ from lightning_supernet.integrations._objectives import (
     parse_constraints,
     resolve_objectives,
 )
-from lightning_supernet.integrations._storage import make_storage, prepare_fork, reopen_after_fork
+from lightning_supernet.integrations._storage import make_storage
+from lightning_supernet.integrations._study import (
+    bn_state,
+    check_feasible,
+    check_metrics,
+    has_batchnorm,
+    load_study,
+    open_study,
+    restore_bn_state,
+    run_forked,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -129,14 +135,11 @@ class SubnetSearch:
         if datamodule is None and val_dataloaders is None:
             raise SearchError("`datamodule` and `val_dataloaders` are both None; allowed: a LightningDataModule with "
                               "a `val_dataloader()`, or validation DataLoader(s)")
-        if limit_val_batches is not None and (isinstance(limit_val_batches, bool) or not (
-                (isinstance(limit_val_batches, int) and limit_val_batches >= 1)
-                or (isinstance(limit_val_batches, float) and 0 < limit_val_batches <= 1))):
+        if limit_val_batches is not None and not (_is_int(limit_val_batches, 1) or (
+                isinstance(limit_val_batches, float) and 0 < limit_val_batches <= 1)):
             raise SearchError(f"`limit_val_batches` is {limit_val_batches!r}; allowed: None, an int >= 1 (batches) "
                               "or a float in (0, 1] (fraction of the loader)")
-        if bn_recalibration_batches is not None and (isinstance(bn_recalibration_batches, bool)
-                                                     or not isinstance(bn_recalibration_batches, int)
-                                                     or bn_recalibration_batches < 0):
+        if bn_recalibration_batches is not None and not _is_int(bn_recalibration_batches, 0):
             raise SearchError(f"`bn_recalibration_batches` is {bn_recalibration_batches!r}; allowed: None or an "
                               "int >= 0")
         if not (sampler is None or sampler in _SAMPLERS or hasattr(sampler, "sample_independent")):
@@ -155,7 +158,7 @@ class SubnetSearch:
         self.limit_val_batches = limit_val_batches
         self.latency_device = latency_device
         self.bn_recalibration_batches = bn_recalibration_batches
-        self.tracking = _tracking(mlflow)
+        self.tracking = _tracking(mlflow) if mlflow not in (None, False) else None
         self.seed = seed
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.needed = {o.name for o in self.objectives} | {c.metric for c in self.constraints}
@@ -183,7 +186,7 @@ class SubnetSearch:
             return optuna.samplers.RandomSampler(seed=seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True, n_startup_trials=10)
 
     def suggest(self, trial: optuna.Trial) -> SubnetConfig:
         """One value per dim (param name = dim name), then :meth:`repair`; the repaired config is recorded."""
@@ -232,16 +235,12 @@ class SubnetSearch:
         """Re-estimate BatchNorm statistics of the active subnet (``recalibrate_bn``), when enabled."""
         batches = self.bn_recalibration_batches
         if batches is None:
-            batches = 20 if _has_batchnorm(self.supernet) else 0
+            batches = 20 if has_batchnorm(self.supernet) else 0
         if not batches:
             return
+        from lightning_supernet.callbacks.bn_recalibration import recalibrate_bn
+
         loader = self._calibration_loader()
-        try:
-            from lightning_supernet.callbacks.bn_recalibration import recalibrate_bn
-        except ImportError:
-            _warn_once(self, "BN recalibration is skipped: `lightning_supernet.callbacks.bn_recalibration` is not "
-                             "available, so BatchNorm subnets are evaluated with the supernet's statistics")
-            return
         if loader is None:
             _warn_once(self, "BN recalibration is skipped: it needs training batches; pass a `datamodule` with a "
                              "`train_dataloader()`")
@@ -296,13 +295,13 @@ class SubnetSearch:
     def export(self, cfg: Mapping[str, Any]) -> torch.nn.Module:
         """The standalone subnet of ``cfg`` (BatchNorm recalibrated when enabled); the supernet is unchanged."""
         cfg = self.space.validate(cfg)
-        state = _bn_buffers(self.supernet)
+        state = bn_state(self.supernet)
         try:
             with self.supernet.subnet(cfg):
                 self.recalibrate(cfg)
                 return self.supernet.extract(cfg)
         finally:
-            _restore_bn(self.supernet, state)
+            restore_bn_state(self.supernet, state)
 
     def pareto_front(self) -> ParetoFront:
         """The feasible non-dominated trials, one per motif, best first by the first objective."""
@@ -328,17 +327,19 @@ class SubnetSearch:
             return self.study
         import lightning.pytorch as pl
 
+        storage, self._rdb = make_storage(self.storage_spec)  # fail fast on a bad URL, before any evaluation
         self._trainer = pl.Trainer(**{
             "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
             "enable_model_summary": False, "devices": 1, "num_sanity_val_steps": 0,
             "limit_val_batches": self.limit_val_batches, **self.trainer_kwargs})
-        self._bn_state = _bn_buffers(self.supernet)
+        self._bn_state = bn_state(self.supernet)
         largest = self.space.largest()
         self.reference = self.evaluate(largest)
-        self._check_metrics(self.reference)
+        check_metrics(self.objectives, self.constraints, self.reference)
         self._resolved = [c.resolve(self.reference) for c in self.constraints]
-        self._check_feasible()
-        self.study = self._open_study()
+        if any(c.metric in COST_METRICS for c in self._resolved):
+            check_feasible(self._resolved, self.constraints, self.costs(self.space.smallest()), self.reference)
+        self.study = open_study(self, storage)
         self._cache.setdefault(self.motif(largest), (self.reference, "reference"))
         self._load_cache()
         if self.tracking is not None:
@@ -352,22 +353,13 @@ class SubnetSearch:
 
         Raises:
             SearchError: no study of this name, or one made for another search space.
+
+        Example:
+            >>> search = SubnetSearch(supernet, dm, study_name="s"); _ = search.load_study()  # doctest: +SKIP
+            >>> print(search.pareto_front())  # doctest: +SKIP
         """
-        optuna = _optuna()
-        storage, self._rdb = make_storage(self.storage_spec)
-        try:
-            study = optuna.load_study(study_name=self.study_name, storage=storage)
-        except KeyError as err:
-            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-            raise SearchError(f"`study_name`={self.study_name!r} is not in the storage; allowed: {names}") from err
-        meta = study.user_attrs.get("lightning_supernet") or {}
-        if meta.get("fingerprint", self.space.fingerprint) != self.space.fingerprint:
-            raise SearchError(f"study {self.study_name!r} was made for search space {meta['fingerprint']}, this "
-                              f"supernet's is {self.space.fingerprint}: build the supernet with the same config")
-        if meta.get("objectives"):
-            self.objectives = resolve_objectives(meta["objectives"], meta.get("directions"))
-        self.study = study
-        return study
+        self.study, self._rdb, self.objectives = load_study(self)
+        return self.study
 
     def run(self, n_trials: int = 50, *, n_jobs: int = 1, timeout: float | None = None,
             show_progress_bar: bool | None = None) -> SearchResult:
@@ -381,9 +373,9 @@ class SubnetSearch:
         Example:
             >>> study, front = SubnetSearch(supernet, dm, storage=None).run(n_trials=30)  # doctest: +SKIP
         """
-        if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 0:
+        if not _is_int(n_trials, 0):
             raise SearchError(f"`n_trials` is {n_trials!r}; allowed: an int >= 0")
-        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs < 1:
+        if not _is_int(n_jobs, 1):
             raise SearchError(f"`n_jobs` is {n_jobs!r}; allowed: an int >= 1 (worker processes)")
         if n_jobs > 1 and self.storage_spec is None:
             raise SearchError(f"`n_jobs`={n_jobs} needs a storage the workers share, but `storage` is None "
@@ -398,11 +390,11 @@ class SubnetSearch:
             if n_jobs == 1:
                 self._optimize(n_trials, timeout, show_progress_bar)
             else:
-                self._optimize_forked(n_trials, n_jobs, timeout)
+                run_forked(self, n_trials, n_jobs, timeout)
         finally:
             optuna.logging.set_verbosity(verbosity)
             if getattr(self, "_bn_state", None):
-                _restore_bn(self.supernet, self._bn_state)
+                restore_bn_state(self.supernet, self._bn_state)
         front = self.pareto_front()
         completed = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if completed and not front and self._resolved:
@@ -419,36 +411,6 @@ class SubnetSearch:
     def _after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.tracking is not None:
             self.tracking.log_trial(self, trial)
-
-    def _optimize_forked(self, n_trials: int, n_jobs: int, timeout: float | None) -> None:
-        if os.name != "posix" or torch.cuda.is_initialized():
-            raise SearchError(f"`n_jobs`={n_jobs} forks worker processes, which CUDA does not survive; allowed "
-                              "here: n_jobs=1. HINT: start several `lightning-supernet search` processes on one "
-                              "PostgreSQL study instead")
-        prepare_fork(self._rdb)
-        ctx = multiprocessing.get_context("fork")
-        shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
-        procs = [ctx.Process(target=self._worker, args=(i, share, timeout, n_jobs), daemon=False)
-                 for i, share in enumerate(shares) if share]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        reopen_after_fork(self._rdb)
-        failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
-        if failed:
-            raise SearchWorkerError(f"search worker(s) {failed} (index, exit code) did not finish; the trials they "
-                                    "completed are in the study. See their tracebacks above")
-
-    def _worker(self, index: int, n_trials: int, timeout: float | None, n_jobs: int) -> None:
-        reopen_after_fork(self._rdb, child=True)
-        torch.set_num_threads(max(1, torch.get_num_threads() // n_jobs))
-        seed = None if self.seed is None else self.seed + 1000 * (index + 1)
-        sampler = self.make_sampler(seed)
-        if sampler is self.sampler_spec and hasattr(sampler, "reseed_rng"):
-            sampler.reseed_rng()
-        self.study = _optuna().load_study(study_name=self.study_name, storage=self.study._storage, sampler=sampler)
-        self._optimize(n_trials, timeout, show_progress_bar=False)
 
     # -- setup helpers ----------------------------------------------------------------------------------------
     def _val_loaders(self) -> Any:
@@ -469,64 +431,6 @@ class SubnetSearch:
                     self.datamodule.setup("fit")
                     self._calib = self.datamodule.train_dataloader()
         return self._calib
-
-    def _check_metrics(self, reference: Mapping[str, float]) -> None:
-        available = list(reference) + [m for m in COST_METRICS if m not in reference]
-        for o in self.objectives:
-            if o.name not in reference:
-                raise SearchError(f"`objectives` has {o.name!r}, which the search cannot measure{_close(o.name, available)}; "
-                                  f"allowed: {', '.join(available)} (metrics the `validation_step` logs, and costs)")
-        for c in self.constraints:
-            if c.metric not in reference:
-                raise SearchError(f"`constraints` bounds {c.metric!r}, a metric that is never measured"
-                                  f"{_close(c.metric, available)}; allowed: {', '.join(available)}")
-        for name in self.needed:
-            if not math.isfinite(reference[name]):
-                raise SearchError(f"the largest subnet's {name!r} is {reference[name]}; metrics used by the search "
-                                  "must be finite numbers")
-
-    def _check_feasible(self) -> None:
-        cost_bounds = [c for c in self._resolved if c.metric in COST_METRICS and c.sense == "<="]
-        if not cost_bounds:
-            return
-        smallest = self.costs(self.space.smallest())
-        for c, raw in zip(self._resolved, self.constraints, strict=True):
-            if c in cost_bounds and not c.satisfied(smallest[c.metric]):
-                need = smallest[c.metric] / self.reference[c.metric]
-                raise InfeasibleConstraintsError(
-                    f"`constraints[{c.metric!r}]` = {raw.spec!r} ({c.describe()}) cannot be met: even the smallest "
-                    f"subnet has {c.metric} = {smallest[c.metric]:,.6g} (largest: {self.reference[c.metric]:,.6g}). "
-                    f"Allowed: a bound >= {smallest[c.metric]:,.6g}, i.e. a fraction >= {need:.4g}")
-
-    def _open_study(self) -> optuna.Study:
-        optuna = _optuna()
-        storage, self._rdb = make_storage(self.storage_spec)
-        directions = [o.direction for o in self.objectives]
-        names = [o.name for o in self.objectives]
-        try:
-            study = optuna.create_study(storage=storage, sampler=self.make_sampler(self.seed),
-                                        study_name=self.study_name, directions=directions,
-                                        load_if_exists=self.load_if_exists)
-        except optuna.exceptions.DuplicatedStudyError as err:
-            raise SearchError(f"`study_name`={self.study_name!r} already exists in the storage and "
-                              "`load_if_exists` is False; allowed: a new name, or load_if_exists=True") from err
-        meta = study.user_attrs.get("lightning_supernet")
-        if meta is None:
-            study.set_user_attr("lightning_supernet", {"fingerprint": self.space.fingerprint, "objectives": names,
-                                                       "directions": directions})
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(names)
-        elif meta.get("fingerprint") != self.space.fingerprint or meta.get("objectives") != names \
-                or [d.name.lower() for d in study.directions] != directions:
-            raise SearchError(
-                f"study {self.study_name!r} was made for search space {meta.get('fingerprint')} with objectives "
-                f"{meta.get('objectives')} {meta.get('directions')}; this search has space {self.space.fingerprint} "
-                f"and {names} {directions}. HINT: pass another `study_name`, or the same model and objectives")
-        if self.enqueue_extremes and not study.get_trials(deepcopy=False):
-            for cfg in (self.space.largest(), self.space.smallest()):
-                study.enqueue_trial(cfg.to_dict(), skip_if_exists=True)
-        return study
 
     def _load_cache(self) -> None:
         states = (_optuna().trial.TrialState.COMPLETE,)
@@ -581,23 +485,14 @@ def _optuna() -> Any:
     return require("optuna", "optuna", "the subnet search")
 
 
-def _tracking(mlflow: Any) -> Any:
-    if mlflow is None or mlflow is False:
-        return None
+def _tracking(spec: Any) -> MlflowTracking:
     from lightning_supernet.integrations.mlflow import MlflowTracking
 
-    if mlflow is True:
-        return MlflowTracking()
-    if isinstance(mlflow, str):
-        return MlflowTracking(tracking_uri=mlflow)
-    if isinstance(mlflow, MlflowTracking):
-        return mlflow
-    raise SearchError(f"`mlflow` is {mlflow!r}; allowed: None, True, a tracking URI (str) or an MlflowTracking")
+    return MlflowTracking.from_any(spec)
 
 
-def _close(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=2)
-    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def _warn_once(search: SubnetSearch, message: str) -> None:
@@ -605,20 +500,3 @@ def _warn_once(search: SubnetSearch, message: str) -> None:
     if message not in seen:
         seen.add(message)
         warnings.warn(message, stacklevel=3)
-
-
-def _has_batchnorm(module: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def _bn_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{p}.{n}": b.detach().clone() for p, m in module.named_modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for n, b in m.named_buffers(recurse=False)}
-
-
-def _restore_bn(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    buffers = dict(module.named_buffers())
-    with torch.no_grad():
-        for name, value in state.items():
-            buffers[name].copy_(value)
-

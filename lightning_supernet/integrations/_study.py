@@ -1,0 +1,219 @@
+"""The study side of a subnet search: checks against the largest subnet, opening/resuming the study, workers.
+
+These are :class:`~lightning_supernet.integrations.optuna.SubnetSearch`'s helpers, kept apart so that the class
+shows only the steps a user may override.
+
+Example:
+    >>> from lightning_supernet.integrations._objectives import resolve_objectives
+    >>> check_metrics(resolve_objectives(["val_acc"], None), [], {"val_acc": 0.9, "params": 10, "macs": 20})
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import multiprocessing
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_supernet.errors import InfeasibleConstraintsError, SearchError, SearchWorkerError
+from lightning_supernet.integrations import require
+from lightning_supernet.integrations._objectives import (
+    COST_METRICS,
+    Constraint,
+    Objective,
+    resolve_objectives,
+)
+from lightning_supernet.integrations._storage import make_storage, prepare_fork, reopen_after_fork
+
+if TYPE_CHECKING:
+    import optuna
+
+    from lightning_supernet.integrations.optuna import SubnetSearch
+
+__all__ = ["bn_state", "check_feasible", "check_metrics", "has_batchnorm", "load_study", "open_study",
+           "restore_bn_state", "run_forked"]
+
+_META = "lightning_supernet"
+
+
+def check_metrics(objectives: Sequence[Objective], constraints: Sequence[Constraint],
+                  reference: Mapping[str, float]) -> None:
+    """Every objective and constrained metric must be measured (and finite) on the largest subnet.
+
+    Raises:
+        SearchError: naming the argument, the metric and the metrics that exist.
+
+    Example:
+        >>> check_metrics([Objective("val_accuracy", "maximize")], [], {"val_acc": 0.9})
+        Traceback (most recent call last):
+        ...
+        lightning_supernet.errors.SearchError: `objectives` has 'val_accuracy', which the search cannot measure \
+(did you mean 'val_acc'?); allowed: val_acc, params, macs, latency_ms (metrics the `validation_step` logs, and costs)
+    """
+    available = list(reference) + [m for m in COST_METRICS if m not in reference]
+    for o in objectives:
+        if o.name not in reference:
+            raise SearchError(f"`objectives` has {o.name!r}, which the search cannot measure"
+                              f"{_close(o.name, available)}; allowed: {', '.join(available)} (metrics the "
+                              "`validation_step` logs, and costs)")
+    for c in constraints:
+        if c.metric not in reference:
+            raise SearchError(f"`constraints` bounds {c.metric!r}, a metric that is never measured"
+                              f"{_close(c.metric, available)}; allowed: {', '.join(available)}")
+    for name in [o.name for o in objectives] + [c.metric for c in constraints]:
+        if not math.isfinite(reference[name]):
+            raise SearchError(f"the largest subnet's {name!r} is {reference[name]}; metrics used by the search must "
+                              "be finite numbers")
+
+
+def check_feasible(resolved: Sequence[Constraint], raw: Sequence[Constraint], smallest: Mapping[str, float],
+                   largest: Mapping[str, float]) -> None:
+    """Params and MACs shrink with every dim, so if the smallest subnet breaks a cost bound, every subnet does.
+
+    Raises:
+        InfeasibleConstraintsError: naming the constraint, the smallest subnet's value and the bound allowed.
+
+    Example:
+        >>> c = Constraint("params", 0.01, "<=", relative=True, spec=0.01)
+        >>> check_feasible([c.resolve({"params": 1000})], [c], {"params": 200}, {"params": 1000})
+        Traceback (most recent call last):
+        ...
+        lightning_supernet.errors.InfeasibleConstraintsError: `constraints['params']` = 0.01 (params <= 10) cannot \
+be met: even the smallest subnet has params = 200 (largest: 1,000). Allowed: a bound >= 200, i.e. a fraction >= 0.2
+    """
+    for c, spec in zip(resolved, raw, strict=True):
+        bounded = c.metric in COST_METRICS and c.sense == "<=" and c.metric in smallest
+        if bounded and not c.satisfied(smallest[c.metric]):
+            need = smallest[c.metric] / largest[c.metric]
+            raise InfeasibleConstraintsError(
+                f"`constraints[{c.metric!r}]` = {spec.spec!r} ({c.describe()}) cannot be met: even the smallest "
+                f"subnet has {c.metric} = {smallest[c.metric]:,.6g} (largest: {largest[c.metric]:,.6g}). "
+                f"Allowed: a bound >= {smallest[c.metric]:,.6g}, i.e. a fraction >= {need:.4g}")
+
+
+def open_study(search: SubnetSearch, storage: Any) -> optuna.Study:
+    """Create or resume ``search.study_name``; a resumed study must have the same search space and objectives.
+
+    A new study starts with the largest and the smallest subnet enqueued (``search.enqueue_extremes``).
+
+    Raises:
+        SearchError: the study exists with other objectives/space, or exists and ``load_if_exists`` is False.
+    """
+    optuna = require("optuna", "optuna", "the subnet search")
+    directions = [o.direction for o in search.objectives]
+    names = [o.name for o in search.objectives]
+    try:
+        study = optuna.create_study(storage=storage, sampler=search.make_sampler(search.seed),
+                                    study_name=search.study_name, directions=directions,
+                                    load_if_exists=search.load_if_exists)
+    except optuna.exceptions.DuplicatedStudyError as err:
+        raise SearchError(f"`study_name`={search.study_name!r} already exists in the storage and `load_if_exists` "
+                          "is False; allowed: a new name, or load_if_exists=True") from err
+    fingerprint = search.space.fingerprint
+    meta = study.user_attrs.get(_META)
+    if meta is None:
+        study.set_user_attr(_META, {"fingerprint": fingerprint, "objectives": names, "directions": directions})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
+    elif (meta.get("fingerprint"), meta.get("objectives"), meta.get("directions")) != (fingerprint, names, directions):
+        raise SearchError(
+            f"`study_name`={search.study_name!r} holds a study of search space {meta.get('fingerprint')} with "
+            f"objectives {meta.get('objectives')} {meta.get('directions')}; this search has space {fingerprint} and "
+            f"{names} {directions}. HINT: pass another `study_name`, or the same model and objectives")
+    if search.enqueue_extremes and not study.get_trials(deepcopy=False):
+        for cfg in (search.space.largest(), search.space.smallest()):
+            study.enqueue_trial(cfg.to_dict(), skip_if_exists=True)
+    return study
+
+
+def load_study(search: SubnetSearch) -> tuple[optuna.Study, Any, list[Objective]]:
+    """Open an existing study without evaluating anything; its objectives come from the study.
+
+    Raises:
+        SearchError: no study of that name, or one made for another search space.
+    """
+    optuna = require("optuna", "optuna", "the subnet search")
+    storage, rdb = make_storage(search.storage_spec)
+    try:
+        study = optuna.load_study(study_name=search.study_name, storage=storage)
+    except KeyError as err:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise SearchError(f"`study_name`={search.study_name!r} is not in the storage; allowed: {names}") from err
+    meta = study.user_attrs.get(_META) or {}
+    if meta.get("fingerprint", search.space.fingerprint) != search.space.fingerprint:
+        raise SearchError(f"`study_name`={search.study_name!r} was made for search space {meta['fingerprint']}, "
+                          f"this supernet's is {search.space.fingerprint}: build it with the same model and `space=`")
+    objectives = search.objectives
+    if meta.get("objectives"):
+        objectives = resolve_objectives(meta["objectives"], meta.get("directions"))
+    return study, rdb, objectives
+
+
+def run_forked(search: SubnetSearch, n_trials: int, n_jobs: int, timeout: float | None) -> None:
+    """Split ``n_trials`` over ``n_jobs`` forked processes sharing the study's storage; wait for all.
+
+    Each worker gets its own sampler seed (else all would propose the same subnets) and a share of the CPU threads.
+
+    Raises:
+        SearchError: CUDA is initialised (it does not survive ``fork``) or the platform cannot fork.
+        SearchWorkerError: a worker exited with an error (the trials it completed stay in the study).
+    """
+    if os.name != "posix" or torch.cuda.is_initialized():
+        raise SearchError(f"`n_jobs`={n_jobs} forks worker processes, which CUDA (or this OS) does not allow; "
+                          "allowed here: n_jobs=1. HINT: start several `lightning-supernet search` processes on one "
+                          "PostgreSQL study instead")
+    prepare_fork(search._rdb)
+    ctx = multiprocessing.get_context("fork")
+    shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
+    procs = [ctx.Process(target=_worker, args=(search, i, share, timeout, n_jobs))
+             for i, share in enumerate(shares) if share]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+    if failed:
+        raise SearchWorkerError(f"search worker(s) {failed} (index, exit code) failed; the trials they completed are "
+                                "in the study. See their tracebacks above")
+
+
+def _worker(search: SubnetSearch, index: int, n_trials: int, timeout: float | None, n_jobs: int) -> None:
+    optuna = require("optuna", "optuna", "the subnet search")
+    reopen_after_fork(search._rdb, child=True)
+    torch.set_num_threads(max(1, torch.get_num_threads() // n_jobs))
+    seed = None if search.seed is None else search.seed + 1000 * (index + 1)
+    sampler = search.make_sampler(seed)
+    if sampler is search.sampler_spec and hasattr(sampler, "reseed_rng"):
+        sampler.reseed_rng()
+    search.study = optuna.load_study(study_name=search.study_name, storage=search.study._storage, sampler=sampler)
+    search._optimize(n_trials, timeout, show_progress_bar=False)
+
+
+def has_batchnorm(module: torch.nn.Module) -> bool:
+    """Whether the model holds a BatchNorm layer (then subnets need recalibrated statistics)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def bn_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every BatchNorm buffer (running statistics), to put back after a search recalibrated them."""
+    return {f"{p}.{n}": b.detach().clone() for p, m in module.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for n, b in m.named_buffers(recurse=False)}
+
+
+def restore_bn_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Put back the buffers saved by :func:`bn_state`."""
+    buffers = dict(module.named_buffers())
+    with torch.no_grad():
+        for name, value in state.items():
+            buffers[name].copy_(value)
+
+
+def _close(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=2)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
