@@ -19,10 +19,12 @@ from lightning_supernet.errors import (
 )
 from lightning_supernet.module import SupernetModule
 from lightning_supernet.space import Dim, SearchSpace, SpaceOptions, SubnetConfig
+from lightning_supernet.strategies import ForkJoinDDPStrategy
 
 __all__ = [
     "ConfigMismatchError",
     "Dim",
+    "ForkJoinDDPStrategy",
     "DiscoveryError",
     "SearchSpace",
     "SearchSpaceError",

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 
 if TYPE_CHECKING:
     from lightning_supernet.space import SubnetConfig
@@ -102,9 +101,13 @@ class StepLoopMixin:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         boundary = (batch_idx + 1) % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
-        total, teacher, losses = 0.0, None, {}
-        for i, item in enumerate(plan):
-            sync = boundary and i == len(plan) - 1
+        fork = self._fork_join()
+        mine = fork.my_share(self, plan) if fork is not None else list(range(len(plan)))
+        teacher = self._remote_teacher(plan, mine, batch, batch_idx)
+        total, losses = 0.0, {}
+        for pos, i in enumerate(mine):
+            item = plan[i]
+            sync = fork is None and boundary and pos == len(mine) - 1
             with self._using(item.config), self._capture() as captured, self._log_as(item.name, i == 0, "train"):
                 task = self._task_loss(batch, batch_idx)
                 loss = task * item.task_weight if item.task_weight else task.new_zeros(())
@@ -119,18 +122,36 @@ class StepLoopMixin:
                         teacher = output.detach()
                 if sync:
                     loss = loss + self._touch_skipped()
-                with contextlib.nullcontext() if sync else self._no_sync():
+                with contextlib.nullcontext() if sync or fork is not None else self._no_sync():
                     self.manual_backward(loss / self.accumulate_grad_batches)
             losses.setdefault(item.name, []).append(loss.detach())
             total = total + loss.detach()
         for name, values in losses.items():
             self.log(f"train/loss/{name}", torch.stack(values).mean(), batch_size=_batch_size(batch))
         if boundary:
+            if fork is not None:
+                fork.join(self.model)
             for opt in optimizers:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             self._step_schedulers("step")
-        return total
+        return total if isinstance(total, torch.Tensor) else torch.zeros(())
+
+    def _fork_join(self) -> Any:
+        from lightning_supernet.strategies.fork_join import ForkJoinDDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return strategy if isinstance(strategy, ForkJoinDDPStrategy) else None
+
+    def _remote_teacher(self, plan: list[PlanItem], mine: list[int], batch: Any, batch_idx: int) -> Any:
+        """Soft targets for students whose teacher another rank trains: a no-grad forward of the teacher."""
+        first = next((i for i, p in enumerate(plan) if p.teacher), None)
+        if first is None or first in mine or not any(plan[i].distill_weight for i in mine):
+            return None
+        with torch.no_grad(), self._using(plan[first].config), self._capture() as captured, \
+                self._log_as("teacher", False, "train"):
+            self._task_loss(batch, batch_idx)
+        return self.select_output(captured.output(self, plan[first])).detach()
 
     def _task_loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if self._inner_lm is None:
@@ -151,7 +172,9 @@ class StepLoopMixin:
 
     def _touch_skipped(self) -> torch.Tensor | float:
         """Under DDP the synchronised backward must reach every parameter: add 0 × the skipped blocks' params."""
-        if not isinstance(self.trainer.strategy, DDPStrategy):
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not isinstance(self.trainer.strategy.model, DistributedDataParallel):
             return 0.0
         zero = 0.0
         for name, dim in self.search_space.dims.items():

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from lightning_supernet.module import SupernetModule
     from lightning_supernet.space import SubnetConfig
 
-__all__ = ["SAM_VARIANTS", "LayerDropSampler", "SamCheckpointError", "SamFineTuner", "build_sam", "dice_loss",
+__all__ = ["LayerDropSampler", "SAM_VARIANTS", "SamCheckpointError", "SamFineTuner", "build_sam", "dice_loss",
            "layer_keep_probs", "load_sam", "prepare_image", "sam_build_kwargs", "save_sam", "supersam_space"]
 
 _DEFAULTS: dict[str, Any] = dict(
@@ -465,7 +465,12 @@ class LayerDropSampler:
         self.default = default
 
     def prob(self, name: str) -> float:
-        """The keep probability of depth dim ``name``."""
+        """The keep probability of depth dim ``name`` (exact name first, then the first matching pattern).
+
+        Example:
+            >>> LayerDropSampler({"*.blocks.0.keep": 0.9}, default=0.5).prob("sam.image_encoder.blocks.0.keep")
+            0.9
+        """
         if name in self.keep_probs:
             return float(self.keep_probs[name])
         for pattern, p in self.keep_probs.items():

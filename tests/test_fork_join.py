@@ -1,0 +1,120 @@
+"""Fork-join multi-subnet DDP on 2 gloo ranks: joined gradients equal the sequential sandwich on one process,
+weights stay identical across ranks and equal the single-process run; k=1 equals standard DDP; clear errors."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_supernet import ForkJoinDDPStrategy, SupernetModule
+from lightning_supernet.callbacks import InplaceDistillation, SandwichSampling
+
+from test_training import Lit  # noqa: I001 - the plain LightningModule of the step-loop tests
+
+
+def _data(n: int = 64) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+class Record(pl.Callback):
+    """Saves each rank's gradients at the first optimizer step and its final weights."""
+
+    def __init__(self, path):
+        self.path, self.grads = path, None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({"grads": self.grads, "w": pl_module.state_dict()}, self.path / f"rank{trainer.global_rank}.pt")
+
+
+def _run(tmp_path, strategy, devices, steps, batch_size, seed=0, one_data_group=False):
+    torch.manual_seed(seed)
+    sn = SupernetModule(Lit(lr=0.05, depth=3), eval_subnets=None)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[SandwichSampling(num_random=2, seed=1), InplaceDistillation(),
+                                    Record(tmp_path)])
+    data = _data()
+    # with one data group every rank sees the whole (shuffled) stream: the same sampler as a single process
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0) if one_data_group else None
+    trainer.fit(sn, DataLoader(data, batch_size=batch_size, sampler=sampler))
+    return [torch.load(p) for p in sorted(tmp_path.glob("rank*.pt"))]
+
+
+def _fork(k):
+    return ForkJoinDDPStrategy(subnet_parallel=k, start_method="fork", process_group_backend="gloo")
+
+
+def _assert_same(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
+
+
+def test_k2_joined_gradients_and_weights_equal_the_sequential_sandwich(tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "f").mkdir()
+    (single,) = _run(tmp_path / "s", "auto", 1, steps=20, batch_size=16, one_data_group=True)
+    r0, r1 = _run(tmp_path / "f", _fork(2), 2, steps=20, batch_size=16, one_data_group=True)
+    # the plan of step 0 skips blocks in its smallest subnet: those grads are zeros on the rank that skips them
+    _assert_same(r0["grads"], single["grads"])
+    _assert_same(r1["grads"], single["grads"])
+    _assert_same(r0["w"], r1["w"], atol=0)
+    _assert_same(r0["w"], single["w"])
+
+
+def test_k1_equals_standard_ddp_with_the_same_sandwich(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").mkdir()
+    d0, _ = _run(tmp_path / "d", DDPStrategy(start_method="fork", process_group_backend="gloo"), 2, 6, 8)
+    f0, f1 = _run(tmp_path / "f", _fork(1), 2, 6, 8)
+    _assert_same(f0["grads"], d0["grads"])
+    _assert_same(f0["w"], d0["w"])
+    _assert_same(f0["w"], f1["w"], atol=0)
+
+
+def test_assignment_balances_macs():
+    sn = SupernetModule(Lit(depth=3), eval_subnets=None)
+    strategy = ForkJoinDDPStrategy(subnet_parallel=2)
+    from lightning_supernet.training import PlanItem
+
+    space = sn.search_space
+    plan = [PlanItem("largest", space.largest()), PlanItem("random", space.sample(1)),
+            PlanItem("random", space.sample(2)), PlanItem("smallest", space.smallest())]
+    strategy._subnet_parallel = 2
+    shares = strategy.assign(sn, plan)
+    assert sorted(i for s in shares for i in s) == [0, 1, 2, 3]
+    loads = [sum(strategy.macs(sn, plan[i].config) for i in s) for s in shares]
+    assert 0 in shares[0]  # the largest goes first to the least loaded rank
+    assert max(loads) <= strategy.macs(sn, plan[0].config) + min(loads)
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="subnet_parallel"):
+        ForkJoinDDPStrategy(subnet_parallel=0)
+    sn = SupernetModule(Lit(), eval_subnets=None)
+    strategy = ForkJoinDDPStrategy(subnet_parallel=2)
+    from lightning_supernet.training import PlanItem
+
+    strategy._subnet_parallel = 2
+    with pytest.raises(ValueError, match="plan has 1 subnets but `subnet_parallel=2`"):
+        strategy.assign(sn, [PlanItem("largest", sn.search_space.largest())])
+    with pytest.raises(ValueError, match=r"`subnet_parallel=3` must divide the world size 2"):
+        pl.Trainer(accelerator="cpu", devices=2, strategy=ForkJoinDDPStrategy(subnet_parallel=3, start_method="fork"))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=ForkJoinDDPStrategy(subnet_parallel=1),
+                         max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(TypeError, match="ForkJoinDDPStrategy trains a SupernetModule"):
+        trainer.fit(Lit(), DataLoader(_data(16), batch_size=8))
+
+
+def test_registered_by_name():
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="fork_join_ddp", logger=False)
+    assert isinstance(trainer.strategy, ForkJoinDDPStrategy)
