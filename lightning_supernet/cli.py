@@ -47,10 +47,10 @@ __all__ = ["DEMO_CONFIG", "CLIError", "load_config", "main", "run_export", "run_
 DEMO_CONFIG: dict[str, Any] = {
     "seed_everything": 0,
     "model": {"class_path": "lightning_supernet.demo.DigitsViT",
-              "init_args": {"dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "lr": 3e-3, "max_epochs": 8}},
-    "data": {"class_path": "lightning_supernet.demo.DigitsDataModule", "init_args": {"batch_size": 64}},
+              "init_args": {"dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "patch_size": 4, "lr": 5e-3}},
+    "data": {"class_path": "lightning_supernet.demo.DigitsDataModule", "init_args": {"batch_size": 32}},
     "supernet": {"space": {"min_depth": 0.5}, "eval_subnets": ["largest", "smallest"]},
-    "trainer": {"max_epochs": 8, "accelerator": "cpu", "devices": 1, "enable_checkpointing": False,
+    "trainer": {"max_epochs": 12, "accelerator": "cpu", "devices": 1, "enable_checkpointing": False,
                 "log_every_n_steps": 10,
                 "callbacks": [{"class_path": "lightning_supernet.callbacks.SandwichSampling",
                                "init_args": {"num_random": 1}},
@@ -227,10 +227,23 @@ def run_fit(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
     return supernet, data
 
 
+_SEARCH_KEYS = ("objectives", "directions", "constraints", "sampler", "storage", "study_name", "load_if_exists",
+                "limit_val_batches", "latency_device", "bn_recalibration_batches", "seed", "trainer_kwargs")
+_RUN_KEYS = ("n_trials", "n_jobs", "timeout", "show_progress_bar")
+
+
+def _search_args(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    s = dict(cfg.get("search") or {})
+    unknown = [k for k in s if k not in _SEARCH_KEYS + _RUN_KEYS]
+    if unknown:
+        raise CLIError(f"`search.{unknown[0]}` is unknown; allowed: {', '.join(_SEARCH_KEYS + _RUN_KEYS)}")
+    return {k: s[k] for k in _SEARCH_KEYS if k in s}, {k: s[k] for k in _RUN_KEYS if k in s}
+
+
 def _search(cfg: Mapping[str, Any], supernet: Any, data: Any) -> Any:
     from lightning_supernet.integrations.optuna import SubnetSearch
 
-    s = dict(cfg.get("search") or {})
+    kwargs, run_args = _search_args(cfg)
     uri = _tracking_uri(cfg)
     tracking = None
     if uri is not None:
@@ -238,14 +251,7 @@ def _search(cfg: Mapping[str, Any], supernet: Any, data: Any) -> Any:
 
         tracking = MlflowTracking(tracking_uri=uri, experiment_name=cfg["mlflow"].get(
             "experiment_name", "lightning-supernet"), top_k=int((cfg.get("export") or {}).get("top_k", 3)))
-    known = ("objectives", "directions", "constraints", "sampler", "storage", "study_name", "load_if_exists",
-             "limit_val_batches", "latency_device", "bn_recalibration_batches", "seed", "trainer_kwargs")
-    run_keys = ("n_trials", "n_jobs", "timeout", "show_progress_bar")
-    unknown = [k for k in s if k not in known + run_keys]
-    if unknown:
-        raise CLIError(f"`search.{unknown[0]}` is unknown; allowed: {', '.join(known + run_keys)}")
-    return SubnetSearch(supernet, data, mlflow=tracking, **{k: s[k] for k in known if k in s}), \
-        {k: s[k] for k in run_keys if k in s}
+    return SubnetSearch(supernet, data, mlflow=tracking, **kwargs), run_args
 
 
 def run_search(cfg: Mapping[str, Any], supernet: Any = None, data: Any = None) -> Any:
@@ -254,6 +260,7 @@ def run_search(cfg: Mapping[str, Any], supernet: Any = None, data: Any = None) -
     Example:
         >>> study, front = run_search(load_config("cfg.yaml"))  # doctest: +SKIP
     """
+    _search_args(cfg)
     if supernet is None:
         supernet, data = _build(cfg)
         _load_weights(supernet, cfg.get("checkpoint"))
@@ -274,6 +281,7 @@ def run_export(cfg: Mapping[str, Any], supernet: Any = None, data: Any = None) -
     """
     import torch
 
+    _search_args(cfg)
     if supernet is None:
         supernet, data = _build(cfg)
         _load_weights(supernet, cfg.get("checkpoint"))

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -108,7 +109,8 @@ class DigitsViT(pl.LightningModule):
     Args:
         dim: embedding width. depth: transformer blocks. num_heads: attention heads per block.
         mlp_ratio: MLP hidden width / ``dim``. patch_size: side of a patch (8 must be divisible by it).
-        lr: AdamW learning rate. weight_decay: AdamW weight decay. max_epochs: length of the cosine schedule.
+        lr: peak AdamW learning rate of the one-cycle schedule (warm-up then cosine decay, per step).
+        weight_decay: AdamW weight decay. warmup: share of the steps spent warming up.
 
     Note:
         A subnet extracted from a supernet of this module is a ``DigitsViT`` whose tensors are smaller; its
@@ -120,8 +122,8 @@ class DigitsViT(pl.LightningModule):
         torch.Size([1, 1, 8, 8])
     """
 
-    def __init__(self, dim: int = 64, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 2.0, patch_size: int = 2,
-                 lr: float = 3e-3, weight_decay: float = 0.01, max_epochs: int = 10) -> None:
+    def __init__(self, dim: int = 64, depth: int = 4, num_heads: int = 4, mlp_ratio: float = 2.0, patch_size: int = 4,
+                 lr: float = 5e-3, weight_decay: float = 0.01, warmup: float = 0.15) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = TinyViT(img_size=8, patch_size=patch_size, in_chans=1, dim=dim, depth=depth, num_heads=num_heads,
@@ -154,5 +156,10 @@ class DigitsViT(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.hparams.max_epochs))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if not math.isfinite(total) or total < 1:
+            return opt
+        # small ViTs learn slowly from a cold start: a short warm-up, then cosine decay
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=int(total),
+                                                    pct_start=self.hparams.warmup)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -345,7 +345,7 @@ class MlflowTracking:
         if "reused_from" in attrs:
             tags["reused_from"] = str(attrs["reused_from"])
         if trial.state.name == "FAIL":
-            tags["fail_reason"] = str(trial.system_attrs.get("fail_reason", ""))[:5000]
+            tags["fail_reason"] = str(attrs.get("fail_reason", "unknown (see the search's log)"))
         if trial.constraints:
             tags["feasible"] = str(all(v <= 0 for v in trial.constraints.values()))
         run_id = self.client.create_run(self.experiment_id, tags=tags,

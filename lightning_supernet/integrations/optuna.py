@@ -405,8 +405,17 @@ class SubnetSearch:
         return SearchResult(self.study, front)
 
     def _optimize(self, n_trials: int, timeout: float | None, show_progress_bar: bool) -> None:
-        self.study.optimize(self.objective, n_trials=n_trials, timeout=timeout, catch=self.catch,
+        self.study.optimize(self._objective, n_trials=n_trials, timeout=timeout, catch=self.catch,
                             callbacks=[self._after_trial], show_progress_bar=show_progress_bar, gc_after_trial=False)
+
+    def _objective(self, trial: optuna.Trial) -> list[float]:
+        try:
+            return self.objective(trial)
+        except _optuna().TrialPruned:
+            raise
+        except Exception as err:  # recorded for the trial's MLflow run, then Optuna marks the trial FAIL
+            trial.set_user_attr("fail_reason", f"{type(err).__name__}: {err}"[:2000])
+            raise
 
     def _after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.tracking is not None:

@@ -1,0 +1,161 @@
+"""MLflow: the search as a parent run with nested trial runs, the Pareto plot, logged subnets that reload and
+match, training through MLFlowLogger, and a tracking server that is down."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import mlflow
+import mlflow.pytorch
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from search_helpers import digits, free_port, one_thread, tiny_supernet
+
+from lightning_supernet.callbacks import SandwichSampling
+from lightning_supernet.cost import count_params
+from lightning_supernet.demo import DigitsViT
+from lightning_supernet.integrations.mlflow import MlflowTracking, mlflow_logger
+from lightning_supernet.integrations.optuna import SubnetSearch
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def supernet():
+    return tiny_supernet()
+
+
+@pytest.fixture(scope="module")
+def dm():
+    return digits()
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A temporary MLflow store (sqlite) with artifacts under tmp_path; the global tracking URI is restored."""
+    monkeypatch.chdir(tmp_path)
+    previous = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+def _children(client, tracking):
+    return client.search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'")
+
+
+def test_search_is_a_parent_run_with_nested_trials_a_figure_and_models(supernet, dm, store, tmp_path):
+    tracking = MlflowTracking(tracking_uri=store, experiment_name="search", top_k=2)
+    search = SubnetSearch(supernet, dm, storage=f"sqlite:///{tmp_path / 's.db'}", limit_val_batches=1, seed=0,
+                          mlflow=tracking, constraints={"params": 0.9})
+    study, front = search.run(n_trials=6)
+    client = MlflowClient(store)
+    parent = client.get_run(tracking.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["objectives"] == "val_acc,params"
+    assert parent.data.metrics["trials_complete"] == 6
+    runs = _children(client, tracking)
+    assert sorted(int(r.data.tags["trial_number"]) for r in runs) == list(range(6))
+    dims = set(supernet.search_space.dims)
+    for r in runs:
+        trial = study.trials[int(r.data.tags["trial_number"])]
+        assert set(r.data.params) == dims
+        assert r.data.params == {k: str(v) for k, v in trial.user_attrs.get("config", trial.params).items()}
+        assert r.data.metrics["val_acc"] == pytest.approx(trial.values[0])
+        assert r.data.metrics["params"] == trial.values[1]
+        assert "constraint/params" in r.data.metrics
+        assert r.data.tags["trial_state"] == "COMPLETE" and r.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"pareto_front.png", "pareto_front.json", "search_space.json"} <= artifacts
+    assert len(tracking.model_uris) == min(2, len(front))
+    mlflow.set_tracking_uri(store)
+    x = torch.stack([dm.val_set[i][0] for i in range(5)])
+    for row in list(front)[:2]:
+        loaded = mlflow.pytorch.load_model(tracking.model_uris[row["trial"]])
+        assert type(loaded) is DigitsViT
+        assert count_params(loaded) == row["metrics"]["params"]
+        supernet.eval()
+        with torch.no_grad(), supernet.subnet(row["config"]):
+            expected = supernet(x)
+        loaded.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected, atol=1e-5, rtol=1e-5)
+
+
+class _Flaky(SubnetSearch):
+    catch = (RuntimeError,)
+    enqueue_extremes = False
+
+    def should_evaluate(self, trial, cfg):
+        return trial.number != 1
+
+    def objective(self, trial):
+        if trial.number == 2:
+            raise RuntimeError("boom")
+        return super().objective(trial)
+
+
+def test_pruned_and_failed_trials_are_marked(supernet, dm, store):
+    tracking = MlflowTracking(tracking_uri=store, experiment_name="flaky", top_k=0, log_figure=False)
+    search = _Flaky(supernet, dm, storage=None, limit_val_batches=1, seed=1, mlflow=tracking)
+    study, _ = search.run(n_trials=4)
+    states = [t.state for t in study.trials]
+    assert states[1] == optuna.trial.TrialState.PRUNED and states[2] == optuna.trial.TrialState.FAIL
+    runs = {int(r.data.tags["trial_number"]): r for r in _children(MlflowClient(store), tracking)}
+    assert len(runs) == 4
+    assert runs[1].data.tags["trial_state"] == "PRUNED" and runs[1].info.status == "KILLED"
+    assert runs[2].data.tags["trial_state"] == "FAIL" and runs[2].info.status == "FAILED"
+    assert "boom" in runs[2].data.tags["fail_reason"]
+    assert runs[0].info.status == "FINISHED"
+
+
+def test_search_goes_on_when_the_tracking_server_is_down(supernet, dm):
+    tracking = MlflowTracking(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    search = SubnetSearch(supernet, dm, storage=None, limit_val_batches=1, seed=0, mlflow=tracking)
+    with pytest.warns(UserWarning, match="is not reachable.*going on without MLflow"):
+        study, front = search.run(n_trials=3)
+    assert len(study.trials) == 3 and front and not tracking.enabled
+
+
+def _fit(supernet, dm, logger, **kwargs):
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=logger,
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                         log_every_n_steps=1, **kwargs)
+    trainer.fit(supernet, datamodule=dm)
+    return trainer
+
+
+def test_training_logs_the_search_space_and_callback_settings(dm, store):
+    supernet = tiny_supernet()
+    logger = mlflow_logger(tracking_uri=store, experiment_name="fit")
+    _fit(supernet, dm, logger, callbacks=[SandwichSampling(num_random=1)])
+    run = MlflowClient(store).get_run(logger.run_id)
+    params = run.data.params
+    assert params["supernet/num_subnets"] == str(supernet.search_space.num_subnets)
+    assert params["supernet/fingerprint"] == supernet.search_space.fingerprint
+    assert params["callbacks/SandwichSampling/num_random"] == "1"
+    assert params["model/dim"] == "16"
+    assert "val_acc" in run.data.metrics and "train_loss" in run.data.metrics
+    assert "search_space.json" in {a.path for a in MlflowClient(store).list_artifacts(logger.run_id)}
+    assert run.info.status == "FINISHED"
+
+
+def test_training_goes_on_when_the_tracking_server_is_down(dm):
+    with pytest.warns(UserWarning, match="is not reachable"):
+        logger = mlflow_logger(tracking_uri=f"http://127.0.0.1:{free_port()}")
+    trainer = _fit(tiny_supernet(), dm, logger)
+    assert trainer.state.finished and trainer.global_step > 0
+
+
+def test_training_goes_on_when_tracking_fails_mid_run(dm, store, monkeypatch):
+    logger = mlflow_logger(tracking_uri=store, experiment_name="flaky")
+    _ = logger.experiment  # the run exists; now the backend starts failing
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("tracking server went away")
+
+    monkeypatch.setattr(logger._mlflow_client, "log_batch", broken)
+    with pytest.warns(UserWarning, match="went away"):
+        trainer = _fit(tiny_supernet(), dm, logger, max_steps=3)
+    assert trainer.state.finished and logger.disabled
