@@ -159,3 +159,13 @@ def test_training_goes_on_when_tracking_fails_mid_run(dm, store, monkeypatch):
     with pytest.warns(UserWarning, match="went away"):
         trainer = _fit(tiny_supernet(), dm, logger, max_steps=3)
     assert trainer.state.finished and logger.disabled
+
+
+def test_missing_mlflow_names_the_extra(monkeypatch):
+    import sys
+
+    from lightning_supernet.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'lightning-supernet\[mlflow\]'"):
+        mlflow_logger()

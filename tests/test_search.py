@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import sys
 import warnings
 
 import optuna
@@ -305,3 +306,9 @@ def test_constraint_parsing():
         warnings.simplefilter("error")
         with pytest.raises(SearchError, match="must be > 0"):
             parse_constraints({"params": "<= 0%"}, objs)
+
+
+def test_missing_optuna_names_the_extra(supernet, dm, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'lightning-supernet\[optuna\]'"):
+        _search(supernet, dm).run(n_trials=1)

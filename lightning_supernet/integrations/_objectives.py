@@ -222,8 +222,35 @@ class ParetoFront(list):
         super().__init__(rows)
         self.objectives = list(objectives)
 
+    @classmethod
+    def from_study(cls, study: Any, objectives: Sequence[Objective]) -> ParetoFront:
+        """The study's feasible non-dominated trials (``study.best_trials``), the first trial of each motif.
+
+        Example:
+            >>> ParetoFront.from_study(study, resolve_objectives(["val_acc", "params"], None))  # doctest: +SKIP
+        """
+        rows, seen = [], set()
+        for t in sorted(study.best_trials, key=lambda t: t.number):
+            motif = t.user_attrs.get("motif")
+            if motif in seen:
+                continue
+            seen.add(motif)
+            row: dict[str, Any] = {"trial": t.number}
+            row.update({o.name: v for o, v in zip(objectives, t.values, strict=True)})
+            row.update(feasible=all(v <= 0 for v in t.constraints.values()), motif=motif,
+                       config=t.user_attrs.get("config", dict(t.params)), metrics=t.user_attrs.get("metrics", {}))
+            rows.append(row)
+        first = objectives[0]
+        rows.sort(key=lambda r: r[first.name], reverse=first.direction == "maximize")
+        return cls(rows, [o.name for o in objectives])
+
     def configs(self) -> list[dict[str, Any]]:
-        """The flat subnet configs, in table order."""
+        """The flat subnet configs, in table order.
+
+        Example:
+            >>> ParetoFront([{"trial": 0, "config": {"a.width": 8}}], ["val_acc"]).configs()
+            [{'a.width': 8}]
+        """
         return [row["config"] for row in self]
 
     def __str__(self) -> str:

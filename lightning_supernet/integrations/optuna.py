@@ -10,11 +10,10 @@ Optuna's TPE, NSGA-II and GP samplers all take into account. The study lives in 
 study.
 
 Example:
-    >>> from lightning_supernet.integrations.optuna import search_subnets
     >>> study, front = search_subnets(supernet, datamodule=dm, objectives=("val_acc", "macs"),
     ...                               constraints={"params": 0.5}, n_trials=50)  # doctest: +SKIP
     >>> print(front)  # doctest: +SKIP
-    trial  val_acc    macs
+    trial  val_acc       macs
        12   0.9611  1,024,512
 """
 
@@ -211,7 +210,11 @@ class SubnetSearch:
         return self.space.validate(values)
 
     def motif(self, cfg: SubnetConfig) -> str:
-        """The motif key of a config: equal for configs that extract to the same network."""
+        """The motif key of a config: equal for configs that extract to the same network.
+
+        Example:
+            >>> search.motif(space.config({"b.0.keep": False, "b.0.fc1.width": 8}))  # doctest: +SKIP
+        """
         return motif_key(self.space.canonical(cfg))
 
     def should_evaluate(self, trial: optuna.Trial, cfg: SubnetConfig) -> bool:
@@ -219,7 +222,12 @@ class SubnetSearch:
         return True
 
     def costs(self, cfg: SubnetConfig) -> dict[str, float]:
-        """``params``, ``macs`` and (when an objective or constraint needs it) ``latency_ms``; cached by motif."""
+        """``params``, ``macs`` and (when an objective or constraint needs it) ``latency_ms``; cached by motif.
+
+        Example:
+            >>> search.costs(search.space.smallest())  # doctest: +SKIP
+            {'params': 19562, 'macs': 283264}
+        """
         key = self.motif(cfg)
         if key not in self._cost_cache:
             out: dict[str, float] = dict(self.supernet.cost(cfg))
@@ -304,21 +312,12 @@ class SubnetSearch:
             restore_bn_state(self.supernet, state)
 
     def pareto_front(self) -> ParetoFront:
-        """The feasible non-dominated trials, one per motif, best first by the first objective."""
-        rows, seen = [], set()
-        first = self.objectives[0]
-        for t in sorted(self.study.best_trials, key=lambda t: t.number):
-            motif = t.user_attrs.get("motif")
-            if motif in seen:
-                continue
-            seen.add(motif)
-            row: dict[str, Any] = {"trial": t.number}
-            row.update({o.name: v for o, v in zip(self.objectives, t.values, strict=True)})
-            row.update(feasible=all(v <= 0 for v in t.constraints.values()), motif=motif,
-                       config=t.user_attrs.get("config", dict(t.params)), metrics=t.user_attrs.get("metrics", {}))
-            rows.append(row)
-        rows.sort(key=lambda r: r[first.name], reverse=first.direction == "maximize")
-        return ParetoFront(rows, [o.name for o in self.objectives])
+        """The feasible non-dominated trials, one per motif, best first by the first objective.
+
+        Example:
+            >>> print(search.pareto_front())  # doctest: +SKIP
+        """
+        return ParetoFront.from_study(self.study, self.objectives)
 
     # -- running ----------------------------------------------------------------------------------------------
     def setup(self) -> optuna.Study:
@@ -423,13 +422,10 @@ class SubnetSearch:
 
     # -- setup helpers ----------------------------------------------------------------------------------------
     def _val_loaders(self) -> Any:
-        if self.val_dataloaders is None:
-            dm = self.datamodule
-            if not getattr(self, "_dm_ready", False):
-                dm.prepare_data()
-                dm.setup("validate")
-                self._dm_ready = True
-            self.val_dataloaders = dm.val_dataloader()
+        if self.val_dataloaders is None:  # materialised once: the datamodule is not set up again every trial
+            self.datamodule.prepare_data()
+            self.datamodule.setup("validate")
+            self.val_dataloaders = self.datamodule.val_dataloader()
         return self.val_dataloaders
 
     def _calibration_loader(self) -> Any:
