@@ -35,16 +35,18 @@ from lightning_supernet.integrations.optuna import SubnetSearch
 
 
 class TimedSearch(SubnetSearch):
-    """Accumulates the time spent inside ``trainer.validate`` (the part a bare validation pass also pays)."""
+    """Accumulates wall and CPU time spent inside ``trainer.validate`` (what a bare validation pass also pays)."""
 
     validate_seconds = 0.0
+    validate_cpu = 0.0
 
     def validate(self, cfg):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return super().validate(cfg)
         finally:
             self.validate_seconds += time.perf_counter() - t0
+            self.validate_cpu += time.process_time() - c0
 
 
 def supernet_and_data(args):
@@ -64,33 +66,34 @@ def supernet_and_data(args):
 
 
 def bare_validation(search, configs, repeats=3):
-    """Mean seconds of ``trainer.validate`` on one subnet (the trainer the search itself uses)."""
-    times = []
+    """Mean wall and CPU seconds of ``trainer.validate`` on one subnet (the trainer the search itself uses)."""
+    walls, cpus = [], []
     for cfg in configs:
         with search.supernet.subnet(cfg):
             for _ in range(repeats):
-                t0 = time.perf_counter()
-                search._trainer.validate(search.supernet, dataloaders=search._val_loaders(), verbose=False)
-                times.append(time.perf_counter() - t0)
-    return statistics.mean(times), statistics.median(times)
+                t0, c0 = time.perf_counter(), time.process_time()
+                search.validate(cfg)
+                walls.append(time.perf_counter() - t0)
+                cpus.append(time.process_time() - c0)
+    return statistics.mean(walls), statistics.mean(cpus)
 
 
-def overhead(supernet, data, storage, n_trials, mlflow=None):
+def overhead(supernet, data, storage, label, n_trials, mlflow=None):
     search = TimedSearch(supernet, data, storage=storage, seed=0, mlflow=mlflow, study_name="overhead")
     search.setup()
-    search.validate_seconds = 0.0
+    search.validate_seconds = search.validate_cpu = 0.0
     before = search.evaluations
-    t0 = time.perf_counter()
-    study, _ = search.run(n_trials=n_trials, show_progress_bar=False)
-    wall = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    search.run(n_trials=n_trials, show_progress_bar=False)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     evaluated = search.evaluations - before
-    configs = [supernet.search_space.sample(i) for i in range(5)]
-    mean_bare, median_bare = bare_validation(search, configs)
-    machinery = (wall - search.validate_seconds) / n_trials
-    return {"storage": storage or "in-memory", "mlflow": bool(mlflow), "trials": n_trials, "evaluated": evaluated,
-            "wall_s": wall, "validate_s": search.validate_seconds, "overhead_ms_per_trial": 1e3 * machinery,
-            "bare_validation_ms": 1e3 * mean_bare, "bare_validation_median_ms": 1e3 * median_bare,
-            "overhead_pct": 100 * machinery / mean_bare}
+    machinery_wall = (wall - search.validate_seconds) / n_trials
+    machinery_cpu = (cpu - search.validate_cpu) / n_trials
+    bare_wall, bare_cpu = bare_validation(search, [supernet.search_space.sample(i) for i in range(5)])
+    return {"storage": label, "mlflow": bool(mlflow), "trials": n_trials, "evaluated": evaluated,
+            "wall_s": wall, "bare_validation_ms": 1e3 * bare_wall, "bare_validation_cpu_ms": 1e3 * bare_cpu,
+            "overhead_ms_per_trial": 1e3 * machinery_wall, "overhead_cpu_ms_per_trial": 1e3 * machinery_cpu,
+            "overhead_pct": 100 * machinery_wall / bare_wall, "overhead_cpu_pct": 100 * machinery_cpu / bare_cpu}
 
 
 def motif_space(space):
@@ -128,14 +131,15 @@ def hypervolume(points, ref=(0.0, 1.0)):
     return hv
 
 
-def search_quality(supernet, data, sampler, seed, n_trials=30):
+def search_quality(supernet, data, sampler, seed, n_trials=30, extremes=False):
     search = SubnetSearch(supernet, data, storage=None, sampler=sampler, seed=seed)
-    search.enqueue_extremes = False  # the samplers alone decide
+    search.enqueue_extremes = extremes  # False: the samplers alone decide
     study, front = search.run(n_trials=n_trials, show_progress_bar=False)
     largest = search.reference["params"]
     pts = [(t.values[0], t.values[1] / largest) for t in study.trials if t.state.name == "COMPLETE"]
     reused = sum("reused_from" in t.user_attrs for t in study.trials)
-    return {"sampler": sampler or "tpe", "seed": seed, "hypervolume": hypervolume(pts), "pareto": len(front),
+    name = (sampler or "tpe") + (" + extremes (default)" if extremes else "")
+    return {"sampler": name, "seed": seed, "hypervolume": hypervolume(pts), "pareto": len(front),
             "reused": reused, "best_acc": max(p[0] for p in pts)}
 
 
@@ -155,25 +159,28 @@ def main():
     results["motif_space"] = {"configs": configs, "motifs": motifs, "ratio": configs / motifs}
 
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [overhead(supernet, data, None, args.trials),
-                overhead(supernet, data, f"sqlite:///{tmp}/o.db", args.trials)]
+        rows = [overhead(supernet, data, None, "in-memory", args.trials),
+                overhead(supernet, data, f"journal:{tmp}/o.log", "journal file", args.trials),
+                overhead(supernet, data, f"sqlite:///{tmp}/o.db", "sqlite", args.trials)]
         from lightning_supernet.integrations.mlflow import MlflowTracking
 
         tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp}/mlflow.db", top_k=0, log_figure=False,
                                   artifact_location=f"{tmp}/artifacts")
-        rows.append(overhead(supernet, data, f"sqlite:///{tmp}/m.db", args.trials, mlflow=tracking))
+        rows.append(overhead(supernet, data, f"sqlite:///{tmp}/m.db", "sqlite", args.trials, mlflow=tracking))
     results["overhead"] = rows
-    quality = [search_quality(supernet, data, s, seed, args.trials) for s in (None, "random") for seed in (0, 1, 2)]
+    quality = [search_quality(supernet, data, s, seed, args.trials, extremes)
+               for s, extremes in ((None, False), ("random", False), (None, True)) for seed in (0, 1, 2)]
     results["quality"] = quality
     Path(args.out).write_text(json.dumps(results, indent=2))
 
     print(f"## Search benchmarks ({how}; {args.threads} torch thread(s); {results['space']})\n")
-    print("| storage | MLflow | trials | evaluated | bare validation (ms) | overhead per trial (ms) | overhead |")
+    print("| storage | MLflow | trials | evaluated | bare validation ms (wall / CPU) | overhead ms per trial "
+          "(wall / CPU) | overhead (wall / CPU) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['storage'].split('/')[0].rstrip(':') if r['storage'] != 'in-memory' else 'in-memory'} | "
-              f"{'yes' if r['mlflow'] else 'no'} | {r['trials']} | {r['evaluated']} | {r['bare_validation_ms']:.1f} | "
-              f"{r['overhead_ms_per_trial']:.1f} | {r['overhead_pct']:.0f} % |")
+        print(f"| {r['storage']} | {'yes' if r['mlflow'] else 'no'} | {r['trials']} | {r['evaluated']} | "
+              f"{r['bare_validation_ms']:.1f} / {r['bare_validation_cpu_ms']:.1f} | {r['overhead_ms_per_trial']:.1f} / "
+              f"{r['overhead_cpu_ms_per_trial']:.1f} | {r['overhead_pct']:.0f} % / {r['overhead_cpu_pct']:.0f} % |")
     m = results["motif_space"]
     print(f"\nMotifs: {m['configs']:,} configs share {m['motifs']:,} motifs ({m['ratio']:.1f}x fewer networks).")
     print("\n| sampler | seed | hypervolume | Pareto size | trials reusing a motif | best val_acc |")
@@ -181,7 +188,7 @@ def main():
     for q in quality:
         print(f"| {q['sampler']} | {q['seed']} | {q['hypervolume']:.4f} | {q['pareto']} | {q['reused']} | "
               f"{q['best_acc']:.3f} |")
-    for s in ("tpe", "random"):
+    for s in ("tpe", "random", "tpe + extremes (default)"):
         hv = [q["hypervolume"] for q in quality if q["sampler"] == s]
         reused = [q["reused"] for q in quality if q["sampler"] == s]
         print(f"\n{s}: hypervolume {statistics.mean(hv):.4f} ± {statistics.stdev(hv):.4f}; "

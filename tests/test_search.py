@@ -184,8 +184,9 @@ def test_resume_after_sigkill_loses_no_completed_trial(supernet, dm, tmp_path):
     assert len(after) == len(before) + 3
 
 
-def test_forked_workers_share_a_sqlite_study(supernet, dm, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'search.db'}"
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_forked_workers_share_a_study(supernet, dm, tmp_path, kind):
+    storage = f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'search.log'}"
     study, _ = _search(supernet, dm, storage=storage).run(n_trials=8, n_jobs=2)
     numbers = [t.number for t in study.trials if t.state == COMPLETE]
     assert len(numbers) == 8 == len(set(numbers))

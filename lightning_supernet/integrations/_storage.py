@@ -24,10 +24,9 @@ from lightning_supernet.integrations import require
 
 __all__ = ["make_storage", "prepare_fork", "redact", "reopen_after_fork"]
 
-#: seconds between trial heartbeats; a RUNNING trial silent for ``2 *`` this is marked FAIL by the next worker
-HEARTBEAT_INTERVAL = 60
 _ALLOWED = ("an Optuna storage URL such as 'sqlite:///search.db' or 'postgresql+psycopg2://user:pw@host/db', "
-            "an optuna.storages.BaseStorage, or None (in memory)")
+            "'journal:path/search.log' (Optuna's append-only journal file), an optuna.storages.BaseStorage, or None "
+            "(in memory)")
 
 
 def redact(url: str) -> str:
@@ -45,8 +44,13 @@ def redact(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def make_storage(spec: Any) -> tuple[Any, Any]:
+def make_storage(spec: Any, heartbeat_interval: int | None = None) -> tuple[Any, Any]:
     """``(storage for optuna.create_study, the RDBStorage behind it or None)``.
+
+    Args:
+        spec: a URL (``sqlite:///...``, ``postgresql+psycopg2://...``, ``journal:<file>``), a storage, or ``None``.
+        heartbeat_interval: RDB only: seconds between trial heartbeats, so that a worker marks the RUNNING
+            trials of a killed worker FAIL after twice this long (costs a thread and a write per trial).
 
     Raises:
         StorageError: an unparsable URL, a missing SQLite folder, or a database that cannot be reached.
@@ -66,6 +70,8 @@ def make_storage(spec: Any) -> tuple[Any, Any]:
     if not isinstance(spec, (str, os.PathLike)):
         raise StorageError(f"`storage` is a {type(spec).__name__}; allowed: {_ALLOWED}")
     url = str(spec)
+    if url.startswith("journal:"):
+        return _journal(optuna, url[len("journal:"):]), None
     from sqlalchemy.engine import make_url
 
     try:
@@ -84,7 +90,7 @@ def make_storage(spec: Any) -> tuple[Any, Any]:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
         engine_kwargs["pool_pre_ping"] = True
     try:
-        rdb = _open_rdb(optuna, url, engine_kwargs)
+        rdb = _open_rdb(optuna, url, engine_kwargs, heartbeat_interval)
     except ImportError as err:
         raise MissingDependencyError(
             f"`storage`={redact(url)!r} needs a database driver that is not installed ({err}). HINT: pip install "
@@ -100,7 +106,18 @@ def make_storage(spec: Any) -> tuple[Any, Any]:
     return rdb, rdb
 
 
-def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], attempts: int = 5) -> Any:
+def _journal(optuna: Any, path: str) -> Any:
+    path = path[2:] if path.startswith("//") else path
+    if not path or not Path(path).expanduser().resolve().parent.is_dir():
+        raise StorageError(f"`storage`='journal:{path}': the journal file's folder does not exist; allowed: "
+                           "'journal:<path of a file in an existing folder>'")
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(Path(path).expanduser())))
+
+
+def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], heartbeat_interval: int | None,
+              attempts: int = 5) -> Any:
     # Workers that start together on a fresh database race to create its tables ("table ... already exists",
     # a duplicate version row): the loser retries and then finds the schema in place.
     for attempt in range(attempts):
@@ -108,7 +125,7 @@ def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], attempts: in
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=HEARTBEAT_INTERVAL)
+                                                  heartbeat_interval=heartbeat_interval)
         except Exception as err:
             text = str(err).lower()
             if attempt + 1 == attempts or not any(w in text for w in ("already exists", "duplicate", "unique")):

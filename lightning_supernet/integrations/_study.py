@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
     from lightning_supernet.integrations.optuna import SubnetSearch
 
-__all__ = ["bn_state", "check_feasible", "check_metrics", "has_batchnorm", "load_study", "open_study",
-           "restore_bn_state", "run_forked"]
+__all__ = ["bn_state", "calibration_loader", "check_feasible", "check_metrics", "has_batchnorm", "load_study",
+           "open_study", "restore_bn_state", "run_forked", "val_loaders"]
 
 _META = "lightning_supernet"
 
@@ -139,7 +139,7 @@ def load_study(search: SubnetSearch) -> tuple[optuna.Study, Any, list[Objective]
         SearchError: no study of that name, or one made for another search space.
     """
     optuna = require("optuna", "optuna", "the subnet search")
-    storage, rdb = make_storage(search.storage_spec)
+    storage, rdb = make_storage(search.storage_spec, search.heartbeat_interval)
     try:
         study = optuna.load_study(study_name=search.study_name, storage=storage)
     except KeyError as err:
@@ -193,6 +193,30 @@ def _worker(search: SubnetSearch, index: int, n_trials: int, timeout: float | No
         sampler.reseed_rng()
     search.study = optuna.load_study(study_name=search.study_name, storage=search.study._storage, sampler=sampler)
     search._optimize(n_trials, timeout, show_progress_bar=False)
+
+
+def val_loaders(search: SubnetSearch) -> Any:
+    """The search's validation loader(s): given, or the datamodule's, materialised once (not set up every trial)."""
+    if search.val_dataloaders is None:
+        search.datamodule.prepare_data()
+        search.datamodule.setup("validate")
+        search.val_dataloaders = search.datamodule.val_dataloader()
+    return search.val_dataloaders
+
+
+def calibration_loader(search: SubnetSearch) -> Any:
+    """Training batches for BN recalibration: the datamodule's ``train_dataloader()``, or ``None``."""
+    if not hasattr(search, "_calibration"):
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        search._calibration = None
+        if search.datamodule is not None:
+            try:  # a datamodule without `train_dataloader` raises one of these
+                search.datamodule.setup("fit")
+                search._calibration = search.datamodule.train_dataloader()
+            except (NotImplementedError, MisconfigurationException):
+                search._calibration = None
+    return search._calibration
 
 
 def has_batchnorm(module: torch.nn.Module) -> bool:

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,7 @@ from lightning_supernet.integrations._objectives import (
 from lightning_supernet.integrations._storage import make_storage
 from lightning_supernet.integrations._study import (
     bn_state,
+    calibration_loader,
     check_feasible,
     check_metrics,
     has_batchnorm,
@@ -47,6 +47,7 @@ from lightning_supernet.integrations._study import (
     open_study,
     restore_bn_state,
     run_forked,
+    val_loaders,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 __all__ = ["SearchResult", "SubnetSearch", "search_subnets"]
 
 _SAMPLERS = ("tpe", "nsga2", "gp", "random")
+_REPEATED_NOTICES = (r".*treespec.*", r".*does not have many workers.*", r".*limit_val_batches.*")
 
 
 class SearchResult(NamedTuple):
@@ -117,6 +119,9 @@ class SubnetSearch:
     enqueue_extremes: bool = True
     #: exceptions that fail one trial instead of stopping the search
     catch: tuple[type[Exception], ...] = ()
+    #: RDB storages: seconds between trial heartbeats (``None``: off). With e.g. 60, a worker marks the RUNNING
+    #: trials of a killed worker FAIL after two minutes; it costs a thread and a write per trial.
+    heartbeat_interval: int | None = None
     #: Optuna's log level while the search runs (its per-trial INFO lines are replaced by the progress bar)
     optuna_verbosity: int = 30
 
@@ -157,7 +162,11 @@ class SubnetSearch:
         self.limit_val_batches = limit_val_batches
         self.latency_device = latency_device
         self.bn_recalibration_batches = bn_recalibration_batches
-        self.tracking = _tracking(mlflow) if mlflow not in (None, False) else None
+        self.tracking = None
+        if mlflow is not None and mlflow is not False:
+            from lightning_supernet.integrations.mlflow import MlflowTracking
+
+            self.tracking = MlflowTracking.from_any(mlflow)
         self.seed = seed
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.needed = {o.name for o in self.objectives} | {c.metric for c in self.constraints}
@@ -222,7 +231,7 @@ class SubnetSearch:
         return True
 
     def costs(self, cfg: SubnetConfig) -> dict[str, float]:
-        """``params``, ``macs`` and (when an objective or constraint needs it) ``latency_ms``; cached by motif.
+        """``params``; ``macs`` and ``latency_ms`` when an objective or constraint needs them; cached by motif.
 
         Example:
             >>> search.costs(search.space.smallest())  # doctest: +SKIP
@@ -230,7 +239,11 @@ class SubnetSearch:
         """
         key = self.motif(cfg)
         if key not in self._cost_cache:
-            out: dict[str, float] = dict(self.supernet.cost(cfg))
+            if "macs" in self.needed or self.reference is None:  # a MAC count is a traced forward: only if used
+                out: dict[str, float] = dict(self.supernet.cost(cfg))
+            else:
+                with self.supernet.subnet(cfg):
+                    out = {"params": _cost.active_params(self.supernet.model)}
             if "latency_ms" in self.needed:
                 small = self.supernet.extract(cfg)
                 out["latency_ms"] = _cost.measure_latency(
@@ -248,16 +261,19 @@ class SubnetSearch:
             return
         from lightning_supernet.callbacks.bn_recalibration import recalibrate_bn
 
-        loader = self._calibration_loader()
-        if loader is None:
-            _warn_once(self, "BN recalibration is skipped: it needs training batches; pass a `datamodule` with a "
-                             "`train_dataloader()`")
+        loader = calibration_loader(self)
+        if loader is None:  # the same message from the same line is shown once
+            warnings.warn("BN recalibration is skipped: it needs training batches; pass a `datamodule` with a "
+                          "`train_dataloader()`", stacklevel=2)
             return
         recalibrate_bn(self.supernet, loader, batches)
 
     def validate(self, cfg: SubnetConfig) -> dict[str, float]:
         """Metrics of the active subnet from ``trainer.validate`` (the user's own metric names)."""
-        results = self._trainer.validate(self.supernet, dataloaders=self._val_loaders(), verbose=False)
+        with warnings.catch_warnings():  # the same Lightning notices on every trial would drown the progress bar
+            for text in _REPEATED_NOTICES:
+                warnings.filterwarnings("ignore", message=text)
+            results = self._trainer.validate(self.supernet, dataloaders=val_loaders(self), verbose=False)
         metrics: dict[str, float] = {}
         for res in results:
             metrics.update({k: float(v) for k, v in res.items()})
@@ -326,7 +342,7 @@ class SubnetSearch:
             return self.study
         import lightning.pytorch as pl
 
-        storage, self._rdb = make_storage(self.storage_spec)  # fail fast on a bad URL, before any evaluation
+        storage, self._rdb = make_storage(self.storage_spec, self.heartbeat_interval)  # fail fast, before evaluating
         self._trainer = pl.Trainer(**{
             "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
             "enable_model_summary": False, "devices": 1, "num_sanity_val_steps": 0,
@@ -420,23 +436,6 @@ class SubnetSearch:
         if self.tracking is not None:
             self.tracking.log_trial(self, trial)
 
-    # -- setup helpers ----------------------------------------------------------------------------------------
-    def _val_loaders(self) -> Any:
-        if self.val_dataloaders is None:  # materialised once: the datamodule is not set up again every trial
-            self.datamodule.prepare_data()
-            self.datamodule.setup("validate")
-            self.val_dataloaders = self.datamodule.val_dataloader()
-        return self.val_dataloaders
-
-    def _calibration_loader(self) -> Any:
-        if not hasattr(self, "_calib"):
-            self._calib = None
-            if self.datamodule is not None:
-                with contextlib.suppress(Exception):
-                    self.datamodule.setup("fit")
-                    self._calib = self.datamodule.train_dataloader()
-        return self._calib
-
     def _load_cache(self) -> None:
         states = (_optuna().trial.TrialState.COMPLETE,)
         for t in self.study.get_trials(deepcopy=False, states=states):
@@ -490,18 +489,6 @@ def _optuna() -> Any:
     return require("optuna", "optuna", "the subnet search")
 
 
-def _tracking(spec: Any) -> MlflowTracking:
-    from lightning_supernet.integrations.mlflow import MlflowTracking
-
-    return MlflowTracking.from_any(spec)
-
-
 def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
-
-def _warn_once(search: SubnetSearch, message: str) -> None:
-    seen = search.__dict__.setdefault("_warned", set())
-    if message not in seen:
-        seen.add(message)
-        warnings.warn(message, stacklevel=3)
