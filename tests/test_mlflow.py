@@ -110,6 +110,26 @@ def test_pruned_and_failed_trials_are_marked(supernet, dm, store):
     assert runs[0].info.status == "FINISHED"
 
 
+class _Crashing(SubnetSearch):
+    enqueue_extremes = False
+
+    def objective(self, trial):
+        if trial.number == 1:
+            raise ValueError("a bug in user code")
+        return super().objective(trial)
+
+
+def test_a_crashing_search_marks_its_parent_run_failed(supernet, dm, store):
+    tracking = MlflowTracking(tracking_uri=store, experiment_name="crash", top_k=0, log_figure=False)
+    with pytest.raises(ValueError, match="a bug in user code"):
+        _Crashing(supernet, dm, storage=None, limit_val_batches=1, mlflow=tracking).run(n_trials=3)
+    client = MlflowClient(store)
+    assert client.get_run(tracking.parent_run_id).info.status == "FAILED"
+    runs = {int(r.data.tags["trial_number"]): r for r in _children(client, tracking)}
+    assert sorted(runs) == [0, 1]
+    assert runs[1].data.tags["trial_state"] == "FAIL" and "a bug in user code" in runs[1].data.tags["fail_reason"]
+
+
 def test_search_goes_on_when_the_tracking_server_is_down(supernet, dm):
     tracking = MlflowTracking(tracking_uri=f"http://127.0.0.1:{free_port()}")
     search = SubnetSearch(supernet, dm, storage=None, limit_val_batches=1, seed=0, mlflow=tracking)

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -270,6 +271,10 @@ class MlflowTracking:
         """Log missing trials, the Pareto plot and the top-k models; close the parent run."""
         self._guard(self._finish, search, front)
 
+    def abort(self, search: SubnetSearch) -> None:
+        """The search stopped with an error: log the trials so far and mark the parent run FAILED."""
+        self._guard(self._abort, search)
+
     def _guard(self, fn: Any, *args: Any) -> Any:
         if not self.enabled:
             return None
@@ -374,6 +379,14 @@ class MlflowTracking:
         self._log_models(search, front)
         self.client.set_terminated(self.parent_run_id, "FINISHED")
 
+    def _abort(self, search: SubnetSearch) -> None:
+        if self.parent_run_id is None:
+            return
+        self._logged = self._logged_trials()
+        for t in search.study.get_trials(deepcopy=False):
+            self._log_trial(search, t)
+        self.client.set_terminated(self.parent_run_id, "FAILED")
+
     def _log_models(self, search: SubnetSearch, front: ParetoFront) -> None:
         if not self.top_k or not front:
             return
@@ -382,6 +395,9 @@ class MlflowTracking:
 
         previous = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(self.tracking_uri)
+        quiet = logging.getLogger("mlflow.pytorch")  # its pickle notice, once per model: we chose pickle on purpose
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             with mlflow.start_run(run_id=self.parent_run_id):
                 for row in list(front)[: self.top_k]:
@@ -393,6 +409,7 @@ class MlflowTracking:
                         tags={"trial_number": str(row["trial"]), "motif": str(row["motif"])})
                     self.model_uris[row["trial"]] = info.model_uri
         finally:
+            quiet.setLevel(level)
             mlflow.set_tracking_uri(previous)
 
     def _log(self, run_id: str, params: Mapping[str, Any] | None = None,

@@ -406,6 +406,10 @@ class SubnetSearch:
                 self._optimize(n_trials, timeout, show_progress_bar)
             else:
                 run_forked(self, n_trials, n_jobs, timeout)
+        except BaseException:
+            if self.tracking is not None and self.study is not None:
+                self.tracking.abort(self)  # the trials so far get their runs; the parent run is marked FAILED
+            raise
         finally:
             optuna.logging.set_verbosity(verbosity)
             if getattr(self, "_bn_state", None):
