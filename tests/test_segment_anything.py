@@ -231,7 +231,7 @@ def test_supersam_trains_with_sandwich_layer_drop_and_prioritization() -> None:
     trainer = L.Trainer(max_steps=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[ParameterPrioritization(), SandwichSampling(num_random=2, sampler=sampler),
-                                   InplaceDistillation()])
+                                   InplaceDistillation(loss="bce")])
     trainer.fit(supernet, loader, loader)
     after = supernet.state_dict()
     assert not torch.equal(after["sam.image_encoder.blocks.0.mlp.lin1.weight"],

@@ -175,9 +175,11 @@ def test_unknown_attention_names_the_class_and_how_to_register_an_adapter() -> N
     with pytest.raises(UnsupportedModelError, match=r"DistilBertSelfAttention.*register_head_adapter") as err:
         _supernet(model, example)
     assert "`distilbert.transformer.layer.0.attention`" in str(err.value)
-    # heads fixed: the rest still works
-    assert "heads" not in {d.kind for d in _supernet(model, example, space={"elastic": ["width", "depth"]})
-                           .search_space.dims.values()}
+    # heads fixed: the rest still works, and DistilBertConfig's own names (n_layers, hidden_dim) are updated
+    fixed = _supernet(model, example, space={"elastic": ["width", "depth"]})
+    assert "heads" not in {d.kind for d in fixed.search_space.dims.values()}
+    small = fixed.extract(uniform_subnet(fixed, num_layers=1, intermediate_size=64))
+    assert (small.config.n_layers, small.config.hidden_dim, small.supernet_format_issue) == (1, 64, None)
 
     def distilbert(module: torch.nn.Module) -> HeadSpec | None:  # what the hint asks the user to write
         if type(module).__name__ != "DistilBertSelfAttention":

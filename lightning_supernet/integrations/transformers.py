@@ -64,6 +64,8 @@ __all__ = ["NonUniformSubnetError", "install", "is_pretrained_model", "load_subn
 
 _INSTALLED = False
 _PER_LAYER = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+#: config attributes that hold the MLP width, by model family (BERT/Llama, OPT, DistilBERT, T5, GPT-2)
+_INTERMEDIATE = ("intermediate_size", "ffn_dim", "hidden_dim", "d_ff", "n_inner")
 
 
 class NonUniformSubnetError(SubnetFormatError):
@@ -178,6 +180,10 @@ def _layer_stack(orig: nn.Module, n: Any) -> str | None:
     return stacks[0] if len(stacks) == 1 else None
 
 
+def _intermediate_key(config: Any) -> str | None:
+    return next((k for k in _INTERMEDIATE if isinstance(getattr(config, k, None), int)), None)
+
+
 def _meta_build(cls: type, config: Any) -> nn.Module:
     with torch.device("meta"):
         return cls(config)
@@ -202,6 +208,7 @@ def _layer_shape(small_layer: nn.Module, orig_layer: nn.Module, intermediate: An
 
 def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str, Any]) -> None:
     config = hf.config
+    ikey = _intermediate_key(config)
     n = getattr(config, "num_hidden_layers", None)
     stack = _layer_stack(orig, n)
     candidate = copy.deepcopy(config)
@@ -213,7 +220,7 @@ def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str,
             for mod in layer.modules():  # the KV cache is indexed by layer_idx: number the kept layers 0..k-1
                 if getattr(mod, "layer_idx", None) == source:
                     mod.layer_idx = i
-            shapes.append(_layer_shape(layer, orig_layers[source], getattr(config, "intermediate_size", None)))
+            shapes.append(_layer_shape(layer, orig_layers[source], getattr(config, ikey, None) if ikey else None))
         candidate.num_hidden_layers = len(kept)
         layer_types = getattr(config, "layer_types", None)
         if isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
@@ -221,8 +228,9 @@ def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str,
         depth_only = copy.deepcopy(candidate)
         for key in _PER_LAYER:
             values = {s[key] for s in shapes if key in s}
-            if len(values) == 1 and hasattr(config, key) and getattr(config, key) is not None:
-                setattr(candidate, key, values.pop())
+            target = ikey if key == "intermediate_size" else key
+            if len(values) == 1 and target and getattr(config, target, None) is not None:
+                setattr(candidate, target, values.pop())
     else:
         depth_only = copy.deepcopy(candidate)
     issue = None
@@ -238,9 +246,10 @@ def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str,
             mod, ref = hf.get_submodule(path), reference.get_submodule(path)
             for key in attrs:
                 setattr(mod, key, getattr(ref, key))
-    for key, value in candidate.to_dict().items():
-        if key in ("num_hidden_layers", "layer_types", *_PER_LAYER) and getattr(config, key, None) != value:
-            setattr(config, key, value)
+    keys = ("num_hidden_layers", "layer_types", ikey, *_PER_LAYER[1:])
+    for key in filter(None, keys):  # getattr/setattr follow the config's `attribute_map`
+        if hasattr(candidate, key) and getattr(config, key, None) != getattr(candidate, key):
+            setattr(config, key, getattr(candidate, key))
     _mark(hf, issue)
 
 
@@ -252,9 +261,8 @@ def _describe_issue(hf: nn.Module, shapes: list[dict[str, int]], diff: Mapping[s
         if len(set(values)) > 1:
             reasons.append(f"the kept layers have {key} {values}, and a `{config_name}` holds one value for all "
                            "layers")
-    if "head_dim" not in hf.config.to_dict() and any(
-            s.get("num_attention_heads", hf.config.num_attention_heads) != hf.config.num_attention_heads
-            for s in shapes):
+    heads = getattr(hf.config, "num_attention_heads", None)
+    if "head_dim" not in hf.config.to_dict() and any(s.get("num_attention_heads", heads) != heads for s in shapes):
         reasons.append(f"`{config_name}` has no `head_dim`: it derives the head size as hidden_size // "
                        "num_attention_heads, so fewer heads of the same size cannot be described (keep heads fixed "
                        "with `space={'elastic': ['width', 'depth']}` to stay within it)")
@@ -336,7 +344,8 @@ def uniform_subnet(supernet: SupernetModule, num_layers: int | None = None, *, l
     for name, dim in space.dims.items():
         if not name.startswith(inside):
             continue
-        if dim.kind == "width" and intermediate_size is not None and dim.largest == config.intermediate_size:
+        ikey = _intermediate_key(config)
+        if dim.kind == "width" and intermediate_size is not None and ikey and dim.largest == getattr(config, ikey):
             values[name] = intermediate_size
         elif dim.kind == "heads" and num_attention_heads is not None:
             values[name] = num_attention_heads
