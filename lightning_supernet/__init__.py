@@ -11,6 +11,7 @@ Example:
 """
 
 from lightning_supernet.errors import (
+    ArgumentError,
     ConfigMismatchError,
     DiscoveryError,
     SearchSpaceError,
@@ -22,6 +23,7 @@ from lightning_supernet.space import Dim, SearchSpace, SpaceOptions, SubnetConfi
 from lightning_supernet.strategies import ForkJoinDDPStrategy
 
 __all__ = [
+    "ArgumentError",
     "ConfigMismatchError",
     "Dim",
     "ForkJoinDDPStrategy",

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from lightning_supernet.errors import InvalidArgumentError
 from lightning_supernet.elastic.base import ElasticMixin
 from lightning_supernet.elastic.depth import SkippableBlock
 from lightning_supernet.ir.graph import call_model
@@ -96,7 +97,7 @@ def measure_latency(model: nn.Module, example: Any, *, device: str | torch.devic
         True
     """
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"`repeats` must be >= 1 and `warmup` >= 0, got repeats={repeats}, warmup={warmup}")
+        raise InvalidArgumentError(f"`repeats` must be >= 1 and `warmup` >= 0, got repeats={repeats}, warmup={warmup}")
     params = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (params.device if params is not None else "cpu")
     model = model.to(device)

@@ -12,8 +12,10 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "ConfigMismatchError",
     "DiscoveryError",
+    "InvalidArgumentError",
     "InfeasibleConstraintsError",
     "MissingDependencyError",
     "SearchError",
@@ -110,5 +112,23 @@ class MissingDependencyError(SupernetError, ImportError):
 
     Example:
         >>> issubclass(MissingDependencyError, ImportError)
+        True
+    """
+
+
+class ArgumentError(SupernetError, TypeError):
+    """An argument of the wrong kind (e.g. a plain ``nn.Module`` without the ``loss_fn`` it needs).
+
+    Example:
+        >>> issubclass(ArgumentError, TypeError)
+        True
+    """
+
+
+class InvalidArgumentError(SupernetError, ValueError):
+    """An argument with a value outside what is allowed (a negative count, an unknown mode name...).
+
+    Example:
+        >>> issubclass(InvalidArgumentError, ValueError)
         True
     """

@@ -30,7 +30,7 @@ from torch import nn
 from lightning_supernet import cost as _cost
 from lightning_supernet.build import build_space, candidate_dims, make_appliers
 from lightning_supernet.elastic import mixin_for
-from lightning_supernet.errors import DiscoveryError, SearchSpaceError, UnsupportedModelError
+from lightning_supernet.errors import ArgumentError, DiscoveryError, InvalidArgumentError, SearchSpaceError, UnsupportedModelError
 from lightning_supernet.extract import extract_model
 from lightning_supernet.ir.checks import check_discovery
 from lightning_supernet.ir.discover import Discovery, discover
@@ -86,22 +86,22 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         if not isinstance(accumulate_grad_batches, int) or accumulate_grad_batches < 1:
-            raise ValueError(f"`accumulate_grad_batches` must be an int >= 1, got {accumulate_grad_batches!r}")
+            raise InvalidArgumentError(f"`accumulate_grad_batches` must be an int >= 1, got {accumulate_grad_batches!r}")
         if gradient_clip_algorithm not in ("norm", "value"):
-            raise ValueError(f"`gradient_clip_algorithm` must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
+            raise InvalidArgumentError(f"`gradient_clip_algorithm` must be 'norm' or 'value', got {gradient_clip_algorithm!r}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise ValueError(f"`gradient_clip_val` must be > 0 or None, got {gradient_clip_val!r}")
+            raise InvalidArgumentError(f"`gradient_clip_val` must be > 0 or None, got {gradient_clip_val!r}")
         self.gradient_clip_val = gradient_clip_val
         self.gradient_clip_algorithm = gradient_clip_algorithm
         self.accumulate_grad_batches = accumulate_grad_batches
         self._pinned = 0
         self._metric_copies: dict[str, Any] = {}
         if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a LightningModule or nn.Module, got {type(model).__name__}")
+            raise ArgumentError(f"`model` must be a LightningModule or nn.Module, got {type(model).__name__}")
         if isinstance(model, SupernetModule):
-            raise TypeError("`model` is already a SupernetModule; wrap the original model instead")
+            raise ArgumentError("`model` is already a SupernetModule; wrap the original model instead")
         if not isinstance(model, pl.LightningModule) and loss_fn is None:
-            raise TypeError(f"`loss_fn` is required to wrap a plain nn.Module (`{type(model).__name__}`): "
+            raise ArgumentError(f"`loss_fn` is required to wrap a plain nn.Module (`{type(model).__name__}`): "
                             "pass e.g. `loss_fn=torch.nn.functional.cross_entropy`, or wrap a LightningModule")
         self.model = model
         self.loss_fn = loss_fn
@@ -129,7 +129,7 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         self._appliers = make_appliers(model, found, self.search_space)
         self._active = self.search_space.largest()
         if isinstance(model, pl.LightningModule) and not model.automatic_optimization:
-            raise TypeError(f"`{type(model).__name__}` uses manual optimisation; SupernetModule runs backward and the "
+            raise ArgumentError(f"`{type(model).__name__}` uses manual optimisation; SupernetModule runs backward and the "
                             "optimizer itself (one step per multi-subnet plan): wrap a module with automatic "
                             "optimisation whose `training_step` returns the loss")
         self.eval_subnets = eval_subnets
@@ -229,7 +229,7 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         for name, value in items:
             if isinstance(value, str):
                 if value not in named:
-                    raise ValueError(f"`eval_subnets` has {value!r}; allowed names: largest, smallest, middle, "
+                    raise InvalidArgumentError(f"`eval_subnets` has {value!r}; allowed names: largest, smallest, middle, "
                                      "or a {name: config} mapping")
                 out[name] = named[value]()
             else:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_supernet.errors import InvalidArgumentError
+
 if TYPE_CHECKING:
     from lightning_supernet.module import SupernetModule
 
@@ -233,7 +235,7 @@ def reorder(supernet: SupernetModule, importance: Mapping[str, torch.Tensor],
     for name, score in importance.items():
         units = _units(supernet, name)
         if score.shape != (units,):
-            raise ValueError(f"importance of `{name}` has shape {tuple(score.shape)}; expected ({units},)")
+            raise InvalidArgumentError(f"importance of `{name}` has shape {tuple(score.shape)}; expected ({units},)")
         bands = _bands(supernet, name, units) if protect else [(0, units)]
         perm = torch.cat([lo + torch.argsort(score[lo:hi], descending=True, stable=True) for lo, hi in bands])
         if torch.equal(perm, torch.arange(units)):

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_supernet.errors import ArgumentError, InvalidArgumentError
+
 if TYPE_CHECKING:
     from lightning_supernet.space import SubnetConfig
 
@@ -91,7 +93,7 @@ class StepLoopMixin:
         for cb in policies:
             plan = cb.supernet_plan(self, plan, batch_idx)
         if not plan:
-            raise ValueError("the training plan is empty: a callback's `supernet_plan` returned no subnet")
+            raise InvalidArgumentError("the training plan is empty: a callback's `supernet_plan` returned no subnet")
         return plan
 
     # -- training ---------------------------------------------------------------------------------------------
@@ -103,7 +105,15 @@ class StepLoopMixin:
         boundary = (batch_idx + 1) % self.accumulate_grad_batches == 0 or bool(self.trainer.is_last_batch)
         fork = self._fork_join()
         mine = fork.my_share(self, plan) if fork is not None else list(range(len(plan)))
-        teacher = self._remote_teacher(plan, mine, batch, batch_idx)
+        teacher, owner = None, None
+        first = next((i for i, p in enumerate(plan) if p.teacher), None)
+        shared = fork is not None and first is not None and any(p.distill_weight for p in plan)
+        if shared and fork.teacher_outputs == "broadcast":
+            owner = next(r for r, share in enumerate(fork.assign(self, plan)) if first in share)
+            if owner != fork.subnet_rank:
+                teacher = fork.share_teacher(None, owner)
+        elif shared:
+            teacher = self._remote_teacher(plan, mine, batch, batch_idx)
         total, losses = 0.0, {}
         for pos, i in enumerate(mine):
             item = plan[i]
@@ -120,6 +130,8 @@ class StepLoopMixin:
                         loss = loss + item.distill_weight * kd
                     if item.teacher:
                         teacher = output.detach()
+                        if owner is not None:
+                            fork.share_teacher(teacher, owner)
                 if sync:
                     loss = loss + self._touch_skipped()
                 with contextlib.nullcontext() if sync or fork is not None else self._no_sync():
@@ -146,7 +158,7 @@ class StepLoopMixin:
     def _remote_teacher(self, plan: list[PlanItem], mine: list[int], batch: Any, batch_idx: int) -> Any:
         """Soft targets for students whose teacher another rank trains: a no-grad forward of the teacher."""
         first = next((i for i, p in enumerate(plan) if p.teacher), None)
-        if first is None or first in mine or not any(plan[i].distill_weight for i in mine):
+        if first in mine or not any(plan[i].distill_weight for i in mine):
             return None
         with torch.no_grad(), self._using(plan[first].config), self._capture() as captured, \
                 self._log_as("teacher", False, "train"):
@@ -159,7 +171,7 @@ class StepLoopMixin:
         out = self._inner("training_step", batch, batch_idx)
         loss = out["loss"] if isinstance(out, dict) else out
         if not isinstance(loss, torch.Tensor):
-            raise TypeError(
+            raise ArgumentError(
                 f"`{type(self.model).__name__}.training_step` returned {type(out).__name__}; SupernetModule needs "
                 "the loss (a tensor or a dict with 'loss'). The wrapped module must use automatic optimisation: "
                 "SupernetModule runs backward and the optimizer itself"
@@ -205,7 +217,7 @@ class StepLoopMixin:
                 value = trainer.callback_metrics.get(config.monitor)
                 if value is None:
                     if config.strict:
-                        raise ValueError(f"ReduceLROnPlateau monitors `{config.monitor}`, which was not logged; "
+                        raise InvalidArgumentError(f"ReduceLROnPlateau monitors `{config.monitor}`, which was not logged; "
                                          f"logged metrics: {sorted(trainer.callback_metrics)}")
                     continue
                 config.scheduler.step(value)

@@ -309,10 +309,8 @@ def test_plain_module_without_loss_fn():
     assert "`loss_fn`" in msg and "`TinyViT`" in msg and "LightningModule" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="module.py raises a builtin TypeError for a missing `loss_fn`; it should "
-                                       "raise a lightning_supernet.errors class (a SupernetError that is a TypeError)")
 def test_plain_module_without_loss_fn_raises_a_library_error():
-    with pytest.raises(SupernetError):
+    with pytest.raises(SupernetError, match="`loss_fn` is required"):
         SupernetModule(TinyViT(), example_input=torch.randn(1, 1, 8, 8))
 
 

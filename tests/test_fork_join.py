@@ -47,8 +47,9 @@ def _run(tmp_path, strategy, devices, steps, batch_size, seed=0, one_data_group=
     return [torch.load(p) for p in sorted(tmp_path.glob("rank*.pt"))]
 
 
-def _fork(k):
-    return ForkJoinDDPStrategy(subnet_parallel=k, start_method="fork", process_group_backend="gloo")
+def _fork(k, teacher_outputs="recompute"):
+    return ForkJoinDDPStrategy(subnet_parallel=k, start_method="fork", process_group_backend="gloo",
+                               teacher_outputs=teacher_outputs)
 
 
 def _assert_same(a, b, atol=1e-5):
@@ -57,11 +58,12 @@ def _assert_same(a, b, atol=1e-5):
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=1e-4, msg=key)
 
 
-def test_k2_joined_gradients_and_weights_equal_the_sequential_sandwich(tmp_path):
+@pytest.mark.parametrize("teacher_outputs", ["recompute", "broadcast"])
+def test_k2_joined_gradients_and_weights_equal_the_sequential_sandwich(tmp_path, teacher_outputs):
     (tmp_path / "s").mkdir()
     (tmp_path / "f").mkdir()
     (single,) = _run(tmp_path / "s", "auto", 1, steps=20, batch_size=16, one_data_group=True)
-    r0, r1 = _run(tmp_path / "f", _fork(2), 2, steps=20, batch_size=16, one_data_group=True)
+    r0, r1 = _run(tmp_path / "f", _fork(2, teacher_outputs), 2, steps=20, batch_size=16, one_data_group=True)
     # the plan of step 0 skips blocks in its smallest subnet: those grads are zeros on the rank that skips them
     _assert_same(r0["grads"], single["grads"])
     _assert_same(r1["grads"], single["grads"])

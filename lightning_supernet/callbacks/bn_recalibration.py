@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
+from lightning_supernet.errors import InvalidArgumentError
 from lightning_supernet.cost import _to
 from lightning_supernet.ir.graph import call_model
 
@@ -92,7 +93,7 @@ def recalibrate_bn(supernet: SupernetModule, batches: Iterable[Any], num_batches
         for m, momentum in momenta.items():
             m.momentum = momentum
     if used == 0:
-        raise ValueError("recalibrate_bn got no batch: pass a non-empty iterable of training batches")
+        raise InvalidArgumentError("recalibrate_bn got no batch: pass a non-empty iterable of training batches")
     return used
 
 
@@ -111,7 +112,7 @@ class BNRecalibration(Callback):
 
     def __init__(self, num_batches: int = 10, dataloader: Iterable[Any] | None = None) -> None:
         if not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"`num_batches` must be an int >= 1, got {num_batches!r}")
+            raise InvalidArgumentError(f"`num_batches` must be an int >= 1, got {num_batches!r}")
         self.num_batches = num_batches
         self.dataloader = dataloader
         self._batches: list[Any] | None = None
@@ -140,7 +141,7 @@ class BNRecalibration(Callback):
             if loader is None and trainer is not None and trainer.sanity_checking:
                 return []  # the sanity check runs before the training data is set up
             if loader is None:
-                raise ValueError("BNRecalibration needs training batches: give it `dataloader=` or use a "
+                raise InvalidArgumentError("BNRecalibration needs training batches: give it `dataloader=` or use a "
                                  "datamodule with `train_dataloader()`")
             self._batches = list(itertools.islice(iter(loader), self.num_batches))
         return self._batches

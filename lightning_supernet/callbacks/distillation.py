@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from lightning_supernet.errors import InvalidArgumentError
 from lightning_supernet.training import PlanItem
 
 if TYPE_CHECKING:
@@ -81,11 +82,11 @@ class InplaceDistillation(Callback):
                  student_task_weight: float = 0.0, balance: bool = False, alpha_min: float = -1.0,
                  alpha_max: float = 1.0, clip: float = 5.0, class_dim: int = -1) -> None:
         if loss not in _LOSSES:
-            raise ValueError(f"`loss` must be one of {_LOSSES}, got {loss!r}")
+            raise InvalidArgumentError(f"`loss` must be one of {_LOSSES}, got {loss!r}")
         if not temperature > 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature!r}")
+            raise InvalidArgumentError(f"`temperature` must be > 0, got {temperature!r}")
         if not clip > 1:
-            raise ValueError(f"`clip` must be > 1, got {clip!r}")
+            raise InvalidArgumentError(f"`clip` must be > 1, got {clip!r}")
         self.loss = loss
         self.temperature = temperature
         self.weight = weight
@@ -107,7 +108,7 @@ class InplaceDistillation(Callback):
     def distill_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """The distillation loss of one student's output against the teacher's (detached) output."""
         if student.shape != teacher.shape:
-            raise ValueError(f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
+            raise InvalidArgumentError(f"student output {tuple(student.shape)} and teacher output {tuple(teacher.shape)} "
                              "differ: in-place distillation needs outputs of the same shape")
         student, teacher = student.float(), teacher.float()
         if self.loss == "mse":

@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_supernet.errors import ArgumentError, InvalidArgumentError
 from lightning_supernet import prioritize
 
 if TYPE_CHECKING:
@@ -50,11 +51,11 @@ class ParameterPrioritization(Callback):
     def __init__(self, importance: str = "magnitude", at_start: bool = True, every_n_epochs: int | None = None,
                  protect_trained: bool = True, num_batches: int = 4) -> None:
         if importance not in _KINDS:
-            raise ValueError(f"`importance` must be one of {_KINDS}, got {importance!r}")
+            raise InvalidArgumentError(f"`importance` must be one of {_KINDS}, got {importance!r}")
         if every_n_epochs is not None and (not isinstance(every_n_epochs, int) or every_n_epochs < 1):
-            raise ValueError(f"`every_n_epochs` must be an int >= 1 or None, got {every_n_epochs!r}")
+            raise InvalidArgumentError(f"`every_n_epochs` must be an int >= 1 or None, got {every_n_epochs!r}")
         if not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"`num_batches` must be an int >= 1, got {num_batches!r}")
+            raise InvalidArgumentError(f"`num_batches` must be an int >= 1, got {num_batches!r}")
         self.importance = importance
         self.at_start = at_start
         self.every_n_epochs = every_n_epochs
@@ -68,7 +69,7 @@ class ParameterPrioritization(Callback):
         from lightning_supernet.module import SupernetModule
 
         if not isinstance(pl_module, SupernetModule):
-            raise TypeError(f"ParameterPrioritization needs a SupernetModule, got {type(pl_module).__name__}")
+            raise ArgumentError(f"ParameterPrioritization needs a SupernetModule, got {type(pl_module).__name__}")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: SupernetModule) -> None:
@@ -105,7 +106,7 @@ class ParameterPrioritization(Callback):
         elif trainer is not None:
             loader = trainer.train_dataloader
         if loader is None:
-            raise ValueError(f"importance={self.importance!r} needs training batches; none are available")
+            raise InvalidArgumentError(f"importance={self.importance!r} needs training batches; none are available")
         from lightning_supernet.cost import _to
 
         return [_to(b, pl_module.device) for b in itertools.islice(iter(loader), self.num_batches)]

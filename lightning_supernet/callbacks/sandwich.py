@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_supernet.errors import InvalidArgumentError
 from lightning_supernet.training import PlanItem
 
 if TYPE_CHECKING:
@@ -56,13 +57,13 @@ class SandwichSampling(Callback):
     def __init__(self, num_random: int = 2, sampler: str | Callable[..., SubnetConfig] = "uniform", seed: int = 0,
                  largest: bool = True, smallest: bool = True, tries: int = 16) -> None:
         if not isinstance(num_random, int) or num_random < 0:
-            raise ValueError(f"`num_random` must be an int >= 0, got {num_random!r}")
+            raise InvalidArgumentError(f"`num_random` must be an int >= 0, got {num_random!r}")
         if not callable(sampler) and sampler not in _SAMPLERS:
-            raise ValueError(f"`sampler` must be one of {_SAMPLERS} or a callable, got {sampler!r}")
+            raise InvalidArgumentError(f"`sampler` must be one of {_SAMPLERS} or a callable, got {sampler!r}")
         if not (largest or smallest or num_random):
-            raise ValueError("SandwichSampling would train no subnet: set `largest`, `smallest` or `num_random`")
+            raise InvalidArgumentError("SandwichSampling would train no subnet: set `largest`, `smallest` or `num_random`")
         if not isinstance(tries, int) or tries < 1:
-            raise ValueError(f"`tries` must be an int >= 1, got {tries!r}")
+            raise InvalidArgumentError(f"`tries` must be an int >= 1, got {tries!r}")
         self.num_random = num_random
         self.sampler = sampler
         self.seed = seed
