@@ -317,7 +317,11 @@ def run_export(cfg: Mapping[str, Any], supernet: Any = None, data: Any = None) -
 
 
 def run_demo(cfg: Mapping[str, Any]) -> Any:
-    """fit -> search -> MLflow -> export on the digits ViT, with a fresh study; prints where to look."""
+    """fit -> search -> MLflow -> export on the digits ViT, with a fresh study; prints where to look.
+
+    Example:
+        >>> run_demo(load_config(None, ["--search.n_trials", "30"], base=DEMO_CONFIG))  # doctest: +SKIP
+    """
     start = time.time()
     cfg = copy.deepcopy(dict(cfg))
     if not (cfg.get("search") or {}).get("study_name"):

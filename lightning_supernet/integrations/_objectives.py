@@ -17,12 +17,12 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from lightning_supernet.errors import SearchError
 
-__all__ = ["COST_METRICS", "Constraint", "Objective", "ParetoFront", "motif_key", "parse_constraints",
-           "resolve_objectives"]
+__all__ = ["COST_METRICS", "Constraint", "Objective", "ParetoFront", "SearchResult", "motif_key",
+           "parse_constraints", "resolve_objectives"]
 
 #: metrics every search can use without a validation pass (latency is measured on the extracted subnet)
 COST_METRICS = ("params", "macs", "latency_ms")
@@ -265,6 +265,19 @@ class ParetoFront(list):
 
     def __repr__(self) -> str:
         return f"ParetoFront({len(self)} trials; objectives {self.objectives})"
+
+
+class SearchResult(NamedTuple):
+    """What a search returns: the Optuna study and its Pareto front (unpacks as ``study, front``).
+
+    Example:
+        >>> study, front = SearchResult(study=None, pareto_front=[])
+        >>> front
+        []
+    """
+
+    study: Any  # optuna.Study
+    pareto_front: ParetoFront
 
 
 def _fmt(value: Any) -> str:
