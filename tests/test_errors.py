@@ -175,12 +175,23 @@ def test_example_input_of_the_wrong_shape():
         SupernetModule(TinyViT(), F.cross_entropy, example_input={"pixels": torch.randn(1, 1, 8, 8)})
 
 
+class _Constant(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(ids.shape[0], 3)  # ignores its input and its parameters
+
+
 def test_model_whose_output_depends_on_nothing_trainable():
-    # integer input and frozen parameters: the trace has no autograd graph to discover from
+    with pytest.raises(DiscoveryError, match=r"`_Constant` does not depend on any parameter"):
+        SupernetModule(_Constant(), F.mse_loss, example_input=torch.randint(0, 10, (2, 3)))
+    # frozen parameters are fine (the trace unfreezes them for its one pass), even behind an integer input
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).requires_grad_(False)
-    with pytest.raises(DiscoveryError, match=r"`Sequential` does not depend on any parameter with `requires_grad"):
-        SupernetModule(model, F.mse_loss, example_input=torch.randint(0, 10, (2, 3)))
-    # frozen parameters alone are fine: a float input is traced through them
+    sn = SupernetModule(model, F.mse_loss, example_input=torch.randint(0, 10, (2, 3)))
+    assert list(sn.search_space.dims) == ["1.width"]
+    assert not any(p.requires_grad for p in model.parameters())
     frozen = _TwoLayers().requires_grad_(False)
     assert list(SupernetModule(frozen, F.mse_loss, example_input=torch.randn(2, 4)).search_space.dims) == ["fc1.width"]
 

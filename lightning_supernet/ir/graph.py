@@ -275,6 +275,10 @@ def trace(model: nn.Module, example: Any) -> ModuleGraph:
         handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
     was_training = model.training
     model.eval()
+    # frozen parameters would leave holes in the autograd graph (a frozen per-channel bias couples dims too)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
     try:
         tracked = _track(example)
         with torch.enable_grad():
@@ -289,6 +293,8 @@ def trace(model: nn.Module, example: Any) -> ModuleGraph:
     finally:
         for h in handles:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
@@ -299,8 +305,8 @@ def trace(model: nn.Module, example: Any) -> ModuleGraph:
     outputs = tuple(t.grad_fn for t in flatten_tensors(output))
     if not any(o is not None for o in outputs):
         raise DiscoveryError(
-            f"the output of `{type(model).__name__}` does not depend on any parameter with `requires_grad=True`; "
-            "nothing to discover (are all parameters frozen?)"
+            f"the output of `{type(model).__name__}` does not depend on any parameter or on its input; "
+            "nothing to discover"
         )
     return ModuleGraph(modules, calls, outputs, inputs)
 
