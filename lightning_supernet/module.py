@@ -127,7 +127,8 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         if not self.search_space.dims:
             raise UnsupportedModelError(self._nothing_elastic(found))
         self._appliers = make_appliers(model, found, self.search_space)
-        self._active = self.search_space.largest()
+        self._active = None
+        self._active = self.activate(self.search_space.largest())
         if isinstance(model, pl.LightningModule) and not model.automatic_optimization:
             raise ArgumentError(f"`{type(model).__name__}` uses manual optimisation; SupernetModule runs backward and the "
                             "optimizer itself (one step per multi-subnet plan): wrap a module with automatic "
@@ -180,8 +181,10 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
             True
         """
         cfg = self.search_space.validate(cfg)
+        active = self._active
         for name, apply in self._appliers.items():
-            apply(cfg[name])
+            if active is None or cfg[name] != active[name]:  # only dims that change (cheap in the step loop)
+                apply(cfg[name])
         self._active = cfg
         return cfg
 

@@ -138,8 +138,9 @@ class StepLoopMixin:
                     self.manual_backward(loss / self.accumulate_grad_batches)
             losses.setdefault(item.name, []).append(loss.detach())
             total = total + loss.detach()
-        for name, values in losses.items():
-            self.log(f"train/loss/{name}", torch.stack(values).mean(), batch_size=_batch_size(batch))
+        if len(plan) > 1:  # a one-subnet plan is plain training: the user's own logs say it all
+            for name, values in losses.items():
+                self.log(f"train/loss/{name}", torch.stack(values).mean(), batch_size=_batch_size(batch))
         if boundary:
             if fork is not None:
                 fork.join(self.model)
