@@ -7,6 +7,7 @@ LightningDataModule by ``class_path``/``init_args``; any value can be overridden
 .. code-block:: yaml
 
     seed_everything: 0
+    torch_num_threads: null                           # torch.set_num_threads (null: torch's default)
     model: {class_path: lightning_supernet.demo.DigitsViT, init_args: {dim: 64}}
     data: {class_path: lightning_supernet.demo.DigitsDataModule, init_args: {batch_size: 64}}
     supernet: {space: {min_depth: 0.5}}               # SupernetModule arguments
@@ -46,6 +47,8 @@ __all__ = ["DEMO_CONFIG", "CLIError", "load_config", "main", "run_export", "run_
 
 DEMO_CONFIG: dict[str, Any] = {
     "seed_everything": 0,
+    # the digits ViT is tiny: intra-op threads only add synchronisation (4-5x slower on a busy 2-core machine)
+    "torch_num_threads": 1,
     "model": {"class_path": "lightning_supernet.demo.DigitsViT",
               "init_args": {"dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0, "patch_size": 4, "lr": 5e-3}},
     "data": {"class_path": "lightning_supernet.demo.DigitsDataModule", "init_args": {"batch_size": 32}},
@@ -62,7 +65,8 @@ DEMO_CONFIG: dict[str, Any] = {
                "seed": 0},
     "export": {"top_k": 3, "out_dir": "runs/demo/exported", "trials": None},
 }
-_SECTIONS = ("seed_everything", "model", "data", "supernet", "trainer", "mlflow", "checkpoint", "search", "export")
+_SECTIONS = ("seed_everything", "torch_num_threads", "model", "data", "supernet", "trainer", "mlflow", "checkpoint",
+             "search", "export")
 
 
 class CLIError(SupernetError, ValueError):
@@ -164,6 +168,13 @@ def _build(cfg: Mapping[str, Any]) -> tuple[Any, Any]:
 
     if cfg.get("seed_everything") is not None:
         pl.seed_everything(cfg["seed_everything"], verbose=False)
+    threads = cfg.get("torch_num_threads")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise CLIError(f"`torch_num_threads` is {threads!r}; allowed: an int >= 1, or null for torch's default")
+        import torch
+
+        torch.set_num_threads(threads)
     if "model" not in cfg or "data" not in cfg:
         raise CLIError("the config needs `model` and `data` sections (class_path + init_args of your "
                        "LightningModule and LightningDataModule)")
@@ -345,7 +356,8 @@ def _say(text: str) -> None:
 
 # -- entry point --------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lightning-supernet", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="lightning-supernet", description="Train a weight-sharing supernet, search "
+                                "its subnets (Optuna), track them (MLflow) and export the best ones.")
     sub = p.add_subparsers(dest="command", required=True)
     helps = {"fit": "train the supernet; saves its weights to `checkpoint`",
              "search": "multi-objective subnet search (Optuna), resumable",

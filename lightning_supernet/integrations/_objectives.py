@@ -224,7 +224,7 @@ class ParetoFront(list):
 
     @classmethod
     def from_study(cls, study: Any, objectives: Sequence[Objective]) -> ParetoFront:
-        """The study's feasible non-dominated trials (``study.best_trials``), the first trial of each motif.
+        """The study's feasible non-dominated trials (``study.best_trials``): the first per motif and per point.
 
         Example:
             >>> ParetoFront.from_study(study, resolve_objectives(["val_acc", "params"], None))  # doctest: +SKIP
@@ -232,9 +232,9 @@ class ParetoFront(list):
         rows, seen = [], set()
         for t in sorted(study.best_trials, key=lambda t: t.number):
             motif = t.user_attrs.get("motif")
-            if motif in seen:
+            if motif in seen or tuple(t.values) in seen:  # one row per network, and per point of the front
                 continue
-            seen.add(motif)
+            seen.update((motif, tuple(t.values)))
             row: dict[str, Any] = {"trial": t.number}
             row.update({o.name: v for o, v in zip(objectives, t.values, strict=True)})
             row.update(feasible=all(v <= 0 for v in t.constraints.values()), motif=motif,
