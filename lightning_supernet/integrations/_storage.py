@@ -36,11 +36,12 @@ def redact(url: str) -> str:
         >>> redact("postgresql://bob:secret@db/x")
         'postgresql://bob:***@db/x'
     """
-    try:
-        from sqlalchemy.engine import make_url
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
+    try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    except (ArgumentError, ValueError):
         return url.split("@")[-1] if "@" in url else url
 
 
@@ -73,10 +74,11 @@ def make_storage(spec: Any, heartbeat_interval: int | None = None) -> tuple[Any,
     if url.startswith("journal:"):
         return _journal(optuna, url[len("journal:"):]), None
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
     try:
         parsed = make_url(url)
-    except Exception as err:
+    except (ArgumentError, ValueError) as err:
         raise StorageError(f"`storage`={url!r} is not a database URL; allowed: {_ALLOWED}") from err
     backend = parsed.get_backend_name()
     engine_kwargs: dict[str, Any] = {}

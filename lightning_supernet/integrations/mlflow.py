@@ -143,7 +143,7 @@ class SupernetMLFlowLogger(MLFlowLogger):
             return
         try:
             fn(*args)
-        except Exception as err:
+        except Exception as err:  # any tracking failure: warn once, keep training
             self._fail(err)
 
 
@@ -306,12 +306,14 @@ class MlflowTracking:
         key = "mlflow_parent_run_id"
         previous = search.study.user_attrs.get(key)
         if previous:
-            try:
+            from mlflow.exceptions import MlflowException
+
+            try:  # a resumed study continues its parent run, if this tracking store has it
                 run = client.get_run(previous)
                 if run.info.experiment_id == self.experiment_id:
                     self.parent_run_id = previous
                     client.update_run(previous, status="RUNNING")
-            except Exception:
+            except MlflowException:
                 self.parent_run_id = None
         if self.parent_run_id is None:
             tags = {"mlflow.runName": self.run_name or f"search-{search.study_name}", "study_name": search.study_name,
