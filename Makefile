@@ -25,7 +25,9 @@ demo: venv
 	$(BIN)/lightning-supernet demo
 
 bench: venv
-	$(BIN)/python benchmarks/bench_core.py
+	$(BIN)/python benchmarks/bench_core.py --quick
+	$(BIN)/python benchmarks/bench_search.py
+	$(BIN)/python benchmarks/bench_fork_join.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
