@@ -322,8 +322,13 @@ def run_export(cfg: Mapping[str, Any], supernet: Any = None, data: Any = None) -
             {"trial": row["trial"], "study": search.study_name, "config": row["config"],
              "metrics": row.get("metrics", {})}, indent=2, default=str))
         written.append(path)
+    from lightning_supernet.cost import count_params
+
+    full = count_params(supernet.extract(supernet.search_space.largest()))
+    sizes = [count_params(torch.load(p, weights_only=False)) for p in written]
     _say("exported subnets (load with torch.load(path, weights_only=False)):\n"
-         + "\n".join(f"  {p}" for p in written))
+         + "\n".join(f"  {p}  {n:,} params ({n / full:.0%} of the largest, {full:,})"
+                      for p, n in zip(written, sizes, strict=True)))
     return written
 
 
@@ -339,6 +344,7 @@ def run_demo(cfg: Mapping[str, Any]) -> Any:
         cfg["search"]["study_name"] = time.strftime("demo-%Y%m%d-%H%M%S")
     _say("[1/3] training the supernet (digits ViT)")
     supernet, data = run_fit(cfg)
+    _say(str(supernet.search_space))
     _say(f"[2/3] searching {cfg['search'].get('n_trials', 50)} subnets")
     run_search(cfg, supernet, data)
     _say("[3/3] exporting the best subnets")

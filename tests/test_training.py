@@ -95,7 +95,7 @@ def test_inplace_distillation_gradients():
     sn = SupernetModule(Lit(), eval_subnets=None)
     ref = copy.deepcopy(sn)
     data = _data(8)
-    kd = InplaceDistillation(loss="kl", temperature=2.0)
+    kd = InplaceDistillation(loss="kl", temperature=2.0, student_task_weight=0.0)
     sw = SandwichSampling(num_random=1, seed=5)
     _trainer(max_steps=1, callbacks=[kd, sw]).fit(sn, DataLoader(data, batch_size=8))  # order must not matter
     x, y = data.tensors
@@ -106,6 +106,21 @@ def test_inplace_distillation_gradients():
         total = {k: total[k] + g[k] for k in g}
     for name, p in sn.model.named_parameters():
         torch.testing.assert_close(p, dict(ref.model.named_parameters())[name] - total[name], atol=1e-5, rtol=1e-5)
+
+
+def test_distillation_needs_the_largest_as_teacher():
+    sn = SupernetModule(Lit(), eval_subnets=None)
+    from lightning_supernet.training import PlanItem
+
+    kd = InplaceDistillation()
+    plan = [PlanItem("random", sn.search_space.sample(1)), PlanItem("smallest", sn.search_space.smallest())]
+    with pytest.warns(UserWarning, match="no largest subnet"):
+        assert kd.supernet_plan(sn, plan, 0) == plan
+    plan = [PlanItem("largest", sn.search_space.largest()), *plan]
+    marked = kd.supernet_plan(sn, plan, 0)
+    assert [p.teacher for p in marked] == [True, False, False]
+    assert [p.distill_weight for p in marked] == [0.0, 1.0, 1.0]
+    assert [p.task_weight for p in marked] == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("loss", ["kl", "alpha_divergence", "mse", "bce"])

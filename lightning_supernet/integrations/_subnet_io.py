@@ -146,7 +146,8 @@ def apply_layout(reference: nn.Module, layout: Mapping[str, Any]) -> nn.Module:
     The tensors of changed shape are uninitialised: load the subnet's weights next.
 
     Example:
-        >>> apply_layout(nn.Linear(4, 4), {"shapes": {"weight": [2, 4], "bias": [2]}, "attrs": {"": {"out_features": 2}}})
+        >>> layout = {"shapes": {"weight": [2, 4], "bias": [2]}, "attrs": {"": {"out_features": 2}}}
+        >>> apply_layout(nn.Linear(4, 4), layout)
         Linear(in_features=4, out_features=2, bias=True)
     """
     keep_blocks(reference, layout.get("kept", {}))
@@ -224,7 +225,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     try:
         load_model(model, os.path.join(path, WEIGHTS_FILE), strict=True)
     except RuntimeError as err:
-        raise SubnetFormatError(f"the weights in {path} do not fit the rebuilt `{type(model).__name__}`: {err}") from err
+        raise SubnetFormatError(
+            f"the weights in {path} do not fit the rebuilt `{type(model).__name__}`: {err}") from err
     return model
 
 

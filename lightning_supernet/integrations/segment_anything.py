@@ -300,7 +300,8 @@ class SamFineTuner(pl.LightningModule):
         self.val_miou = MeanIoU(num_classes=1, input_format="one-hot")
         self.test_miou = MeanIoU(num_classes=1, input_format="one-hot")
         s = self.img_size
-        self.example_input_array = (torch.full((1, 3, s, s), 128.0), torch.tensor([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]]))
+        box = torch.tensor([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]])
+        self.example_input_array = (torch.full((1, 3, s, s), 128.0), box)
 
     @property
     def img_size(self) -> int:
