@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import heapq
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -166,9 +165,12 @@ class ForkJoinDDPStrategy(DDPStrategy):
         return self._macs[key]
 
     def assign(self, supernet: SupernetModule, plan: list[PlanItem]) -> list[list[int]]:
-        """Split the plan's indices over the ``k`` subnet ranks, largest MACs first to the least loaded rank.
+        """Split the plan's indices over the ``k`` subnet ranks so the slowest rank finishes first.
 
-        Every rank computes the same assignment (same plan, same costs).
+        Cost model, in forward-pass MACs: a subnet trained costs 3× its MACs (forward + backward); a rank that
+        trains students but not the teacher also pays one no-grad forward of the teacher (or waits as long for
+        its broadcast). Greedy largest-first assignment, then single moves and swaps while they lower the
+        maximum. Every rank computes the same assignment (same plan, same costs).
         """
         k = self.subnet_parallel
         if len(plan) < k:
@@ -177,13 +179,43 @@ class ForkJoinDDPStrategy(DDPStrategy):
                 f"least one. HINT: use `SandwichSampling(num_random={max(k - 2, 0)})` or more, or a smaller "
                 "`subnet_parallel`"
             )
-        costs = sorted(((self.macs(supernet, p.config), i) for i, p in enumerate(plan)), reverse=True)
-        heap = [(0, r) for r in range(k)]
+        macs = [self.macs(supernet, p.config) for p in plan]
+        teacher = next((i for i, p in enumerate(plan) if p.teacher), None)
+        distilled = {i for i, p in enumerate(plan) if p.distill_weight}
+
+        def load(share: list[int]) -> float:
+            extra = teacher is not None and teacher not in share and any(i in distilled for i in share)
+            return 3 * sum(macs[i] for i in share) + (macs[teacher] if extra else 0)
+
         shares: list[list[int]] = [[] for _ in range(k)]
-        for cost, i in costs:
-            load, r = heapq.heappop(heap)
-            shares[r].append(i)
-            heapq.heappush(heap, (load + cost, r))
+        for i in sorted(range(len(plan)), key=lambda i: -macs[i]):
+            if len(plan) - sum(map(len, shares)) <= sum(1 for s in shares if not s):
+                target = next(r for r, s in enumerate(shares) if not s)  # every rank gets one
+            else:
+                target = min(range(k), key=lambda r: (load(shares[r] + [i]), r))
+            shares[target].append(i)
+        improved = True
+        while improved:
+            improved = False
+            worst = max(map(load, shares))
+            for a, b in ((a, b) for a in range(k) for b in range(k) if a != b):
+                for i in list(shares[a]):
+                    moves = [(shares[a][:], shares[b][:])]
+                    moves[0][0].remove(i)
+                    moves[0][1].append(i)
+                    moves += [([x for x in shares[a] if x != i] + [j], [y for y in shares[b] if y != j] + [i])
+                              for j in shares[b]]
+                    for new_a, new_b in moves:
+                        if not new_a or not new_b:
+                            continue
+                        trial = [new_a if r == a else new_b if r == b else s for r, s in enumerate(shares)]
+                        if max(map(load, trial)) < worst - 1e-9:
+                            shares, improved = trial, True
+                            break
+                    if improved:
+                        break
+                if improved:
+                    break
         return [sorted(s) for s in shares]
 
     def my_share(self, supernet: SupernetModule, plan: list[PlanItem]) -> list[int]:
