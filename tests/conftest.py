@@ -58,6 +58,22 @@ def seed_everything(seed: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+# The DDP tests fork worker processes. GNU OpenMP is not fork-safe: once this process has run a parallel region,
+# a forked child hangs in its first one (seen as a DDP test stuck in Conv2d's forward). One intra-op thread in
+# the test process creates no OpenMP team, so forking stays safe; the suite runs one test at a time anyway.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_process_group():
+    """A process group left in the pytest process would be inherited by the next forked DDP test and hang it."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     seed_everything(0)

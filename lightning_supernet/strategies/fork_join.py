@@ -125,13 +125,18 @@ class ForkJoinDDPStrategy(DDPStrategy):
         super()._configure_launcher()
 
     @override
-    def setup(self, trainer: pl.Trainer) -> None:
+    def connect(self, model: pl.LightningModule) -> None:
+        # before any process group exists: a wrong module must not leave one behind
         from lightning_supernet.module import SupernetModule
 
+        if not isinstance(model, SupernetModule):
+            raise ArgumentError(f"ForkJoinDDPStrategy trains a SupernetModule; got {type(model).__name__}. "
+                                "HINT: wrap the model: `trainer.fit(SupernetModule(model))`")
+        super().connect(model)
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
         self._check_grid(self.world_size)
-        if not isinstance(self.lightning_module, SupernetModule):
-            raise ArgumentError(f"ForkJoinDDPStrategy trains a SupernetModule; got {type(self.lightning_module).__name__}"
-                            ". HINT: wrap the model: `trainer.fit(SupernetModule(model))`")
         super().setup(trainer)
 
     @override
