@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -82,6 +83,8 @@ def extract_model(supernet: SupernetModule, cfg: SubnetConfig) -> nn.Module:
         if is_elastic(mod):
             restore(mod)
     _clear_trainer(small)
+    if "transformers" in sys.modules:  # registers the Hugging Face config finaliser (no heavy import)
+        import lightning_supernet.integrations.transformers  # noqa: F401
     for fn in _FINALIZERS:
         fn(small, cfg, supernet)
     return small

@@ -350,14 +350,18 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         x, y = batch
         return self.loss_fn(self.select_output(self(x)), y)
 
-    def _plain_eval(self, batch: Any, stage: str) -> torch.Tensor:
+    def _plain_eval(self, batch: Any, stage: str, subnet: str | None = None, plain: bool = True) -> torch.Tensor:
         x, y = batch
         out = self.select_output(self(x))
-        loss = self.loss_fn(out, y)
-        self.log(f"{stage}_loss", loss, prog_bar=True)
+        values = {"loss": self.loss_fn(out, y)}
         if out.dim() == 2 and not torch.is_floating_point(y):
-            self.log(f"{stage}_acc", (out.argmax(-1) == y).float().mean(), prog_bar=True)
-        return loss
+            values["acc"] = (out.argmax(-1) == y).float().mean()
+        for key, value in values.items():
+            if plain:
+                self.log(f"{stage}_{key}", value, prog_bar=True)
+            if subnet is not None:
+                self.log(f"{stage}/{key}/{subnet}", value)
+        return values["loss"]
 
     def select_output(self, output: Any) -> torch.Tensor:
         """The tensor of a model output used for losses and distillation (``output_transform`` or the first).

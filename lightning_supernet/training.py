@@ -261,7 +261,8 @@ class StepLoopMixin:
                 if self._inner_lm is not None:
                     out = self._inner(hook, batch, batch_idx, *args)
                 else:
-                    out = self._plain_eval(batch, "val" if hook == "validation_step" else "test")
+                    out = self._plain_eval(batch, "val" if hook == "validation_step" else "test",
+                                           None if name == "active" else name, i == 0)
             result = out if result is None else result
         return result
 

@@ -48,7 +48,8 @@ def _run(tmp_path, strategy, devices, steps, batch_size, seed=0, one_data_group=
 
 
 def _fork(k, teacher_outputs="recompute"):
-    return ForkJoinDDPStrategy(subnet_parallel=k, start_method="fork", process_group_backend="gloo",
+    # spawn, not fork: see test_training.test_ddp_syncs_once_per_step
+    return ForkJoinDDPStrategy(subnet_parallel=k, start_method="spawn", process_group_backend="gloo",
                                teacher_outputs=teacher_outputs)
 
 
@@ -76,7 +77,7 @@ def test_k1_equals_standard_ddp_with_the_same_sandwich(tmp_path):
 
     (tmp_path / "d").mkdir()
     (tmp_path / "f").mkdir()
-    d0, _ = _run(tmp_path / "d", DDPStrategy(start_method="fork", process_group_backend="gloo"), 2, 6, 8)
+    d0, _ = _run(tmp_path / "d", DDPStrategy(start_method="spawn", process_group_backend="gloo"), 2, 6, 8)
     f0, f1 = _run(tmp_path / "f", _fork(1), 2, 6, 8)
     _assert_same(f0["grads"], d0["grads"])
     _assert_same(f0["w"], d0["w"])

@@ -200,31 +200,48 @@ def _count_hook(counter):
     return hook
 
 
+class Dump(pl.Callback):
+    """Counts DDP's bucket all-reduces (a comm hook) and saves each rank's count and weights."""
+
+    def __init__(self, path) -> None:
+        self.path, self.calls = path, []
+
+    def on_train_start(self, trainer, pl_module):
+        trainer.strategy.model.register_comm_hook(state=None, hook=_count_hook(self.calls))
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({"calls": len(self.calls), "w": pl_module.state_dict(), "steps": trainer.global_step},
+                   self.path / f"rank{trainer.global_rank}.pt")
+
+
 @pytest.mark.parametrize("num_random", [0, 2])
 def test_ddp_syncs_once_per_step(tmp_path, num_random):
     """2 gloo ranks: a sandwich of 4 subnets (the smallest skips blocks) communicates exactly as often as a
     plan of one subnet, and both ranks end with the same weights."""
     from lightning.pytorch.strategies import DDPStrategy
 
-    calls: list[int] = []
     sn = SupernetModule(Lit(), eval_subnets=None)
-    strategy = DDPStrategy(start_method="fork", process_group_backend="gloo")
+    # spawn, not fork: a pytest process that ran other tests may hold locks (threads of MLflow, Optuna...) that a
+    # forked child would inherit locked
+    strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo")
     cbs = [SandwichSampling(num_random=num_random), InplaceDistillation()] if num_random else []
-
-    class Dump(pl.Callback):
-        def on_train_start(self, trainer, pl_module):
-            trainer.strategy.model.register_comm_hook(state=None, hook=_count_hook(calls))
-
-        def on_train_end(self, trainer, pl_module):
-            torch.save({"calls": len(calls), "w": pl_module.state_dict(), "steps": trainer.global_step},
-                       tmp_path / f"rank{trainer.global_rank}.pt")
-
-    trainer = _trainer(max_steps=3, strategy=strategy, devices=2, callbacks=[*cbs, Dump()])
+    trainer = _trainer(max_steps=3, strategy=strategy, devices=2, callbacks=[*cbs, Dump(tmp_path)])
     trainer.fit(sn, DataLoader(_data(48), batch_size=8))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["steps"] == 3 and r0["calls"] == r1["calls"]
     buckets = r0["calls"] / 3
     assert buckets == int(buckets) and 1 <= buckets <= 3, r0["calls"]  # per step: one reduction of the buckets
-    (tmp_path / f"buckets{num_random}").write_text(str(buckets))
     for k, v in r0["w"].items():
         torch.testing.assert_close(v, r1["w"][k])
+
+
+def test_plain_module_validation_logs_every_subnet():
+    torch.manual_seed(5)
+    sn = SupernetModule(TinyViT(dim=16, depth=2, num_heads=2, mlp_ratio=2.0), F.cross_entropy,
+                        example_input=torch.randn(1, 1, 8, 8))
+    data = _data(32)
+    trainer = _trainer()
+    trainer.validate(sn, DataLoader(data, batch_size=32), verbose=False)
+    for name, cfg in sn.eval_configs().items():
+        assert trainer.callback_metrics[f"val/acc/{name}"].item() == pytest.approx(_accuracy(sn, cfg, *data.tensors))
+    assert trainer.callback_metrics["val_acc"].item() == pytest.approx(trainer.callback_metrics["val/acc/largest"].item())

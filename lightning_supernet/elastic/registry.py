@@ -66,8 +66,14 @@ def elastic_class(mixin: type, base: type) -> type:
 def __getattr__(name: str) -> type:  # PEP 562: lets pickle find generated classes by name
     if "(" in name and name.endswith(")"):
         mixin_name, base = name[:-1].split("(", 1)
+        if mixin_name not in _MIXINS:  # a fresh process (spawn, torch.load): register the built-in mixins
+            elastic = importlib.import_module("lightning_supernet.elastic")
+            for attr in elastic.__all__:
+                obj = getattr(elastic, attr)
+                if isinstance(obj, type) and hasattr(obj, "init_elastic"):
+                    _MIXINS.setdefault(obj.__name__, obj)
         if mixin_name not in _MIXINS:
-            importlib.import_module("lightning_supernet.elastic")  # registers the built-in mixins
+            raise AttributeError(f"unknown elastic mixin {mixin_name!r} (defined in a module not imported here?)")
         return elastic_class(_MIXINS[mixin_name], _decode(base))
     raise AttributeError(name)
 
