@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_supernet.callbacks.bn_recalibration import bn_state  # the callback's BN snapshot
+from lightning_supernet.callbacks.bn_recalibration import load_bn_state as restore_bn_state
 from lightning_supernet.errors import InfeasibleConstraintsError, SearchError, SearchWorkerError
 from lightning_supernet.integrations import require
 from lightning_supernet.integrations._objectives import (
@@ -222,20 +224,6 @@ def calibration_loader(search: SubnetSearch) -> Any:
 def has_batchnorm(module: torch.nn.Module) -> bool:
     """Whether the model holds a BatchNorm layer (then subnets need recalibrated statistics)."""
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules())
-
-
-def bn_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every BatchNorm buffer (running statistics), to put back after a search recalibrated them."""
-    return {f"{p}.{n}": b.detach().clone() for p, m in module.named_modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for n, b in m.named_buffers(recurse=False)}
-
-
-def restore_bn_state(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Put back the buffers saved by :func:`bn_state`."""
-    buffers = dict(module.named_buffers())
-    with torch.no_grad():
-        for name, value in state.items():
-            buffers[name].copy_(value)
 
 
 def _close(name: str, options: list[str]) -> str:
