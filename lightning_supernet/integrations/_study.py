@@ -170,6 +170,16 @@ def run_forked(search: SubnetSearch, n_trials: int, n_jobs: int, timeout: float 
         raise SearchError(f"`n_jobs`={n_jobs} forks worker processes, which CUDA (or this OS) does not allow; "
                           "allowed here: n_jobs=1. HINT: start several `lightning-supernet search` processes on one "
                           "PostgreSQL study instead")
+    # the queued trials (largest, smallest) run here first: SQLite cannot lock the row of a waiting trial, so two
+    # workers could both pop it and the second would fail to report it
+    optuna = require("optuna", "optuna", "the subnet search")
+    waiting = search.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    if waiting:
+        first = min(len(waiting), n_trials)
+        search._optimize(first, timeout, show_progress_bar=False)
+        n_trials -= first
+    if n_trials <= 0:
+        return
     prepare_fork(search._rdb)
     ctx = multiprocessing.get_context("fork")
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
