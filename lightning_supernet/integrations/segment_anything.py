@@ -80,12 +80,9 @@ class SamCheckpointError(SupernetError, FileNotFoundError):
 
 
 def _sam_modules() -> Any:
-    try:
-        from segment_anything import modeling
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the Segment Anything integration needs `segment-anything` and `torchvision`: "
-                          "pip install 'lightning-supernet[sam]'") from err
-    return modeling
+    from lightning_supernet.integrations import require
+
+    return require("segment_anything.modeling", "sam", "the Segment Anything integration")
 
 
 def build_sam(variant: str | None = "vit_b", *, checkpoint: str | os.PathLike | None = None, **overrides: Any) -> Sam:

@@ -78,12 +78,9 @@ class NonUniformSubnetError(SubnetFormatError):
 
 
 def _transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the Hugging Face integration needs `transformers`: "
-                          "pip install 'lightning-supernet[transformers]'") from err
-    return transformers
+    from lightning_supernet.integrations import require
+
+    return require("transformers", "transformers", "the Hugging Face integration")
 
 
 def is_pretrained_model(module: Any) -> bool:
