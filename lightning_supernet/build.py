@@ -66,8 +66,10 @@ def build_space(found: Discovery, opts: SpaceOptions) -> SearchSpace:
             order.append((b.path, Dim(b.name, "depth", (True, False), stack=b.stack)))
             length = found.stacks[b.stack]
             stacks[b.stack] = (length, opts.min_kept(length))
-    # model order: a block's keep flag first, then the dims inside it
-    order.sort(key=lambda item: (item[0].split("."), item[1].kind != "depth"))
+    # model order (the order of ``named_modules()``, so ``blocks.2`` comes before ``blocks.10``): a block's keep
+    # flag first, then the dims inside it
+    position = found.order
+    order.sort(key=lambda item: (position.get(item[0], len(position)), item[1].kind != "depth"))
     dims = [d for _, d in order]
     return SearchSpace(dims, stacks, keep_prob=opts.keep_prob)
 

@@ -323,12 +323,31 @@ class SearchSpace:
                 values[name] = bool(torch.rand((), generator=gen).item() < self.keep_prob)
             else:
                 values[name] = d.choices[int(torch.randint(len(d.choices), (), generator=gen))]
+        return self.repair(values, gen)
+
+    def repair(self, values: Mapping[str, Any], generator: torch.Generator | int | None = None) -> SubnetConfig:
+        """Turn a config whose stacks keep too few blocks into a valid one: the one place of the min-depth rule.
+
+        Each stack below its minimum depth gets back skipped blocks: the earliest ones in model order, or random
+        ones drawn from ``generator`` when one is given. The result is validated.
+
+        Example:
+            >>> s = SearchSpace([Dim(f"b.{i}.keep", "depth", (True, False), stack="b") for i in range(12)],
+            ...                 stacks={"b": (12, 2)})
+            >>> [n for n, v in s.repair({n: False for n in s.dims}).items() if v]
+            ['b.0.keep', 'b.1.keep']
+        """
+        values = dict(values)
+        gen = None if generator is None else _generator(generator)
         for stack, names in self._stack_blocks.items():
-            need = self._min_skippable_kept(stack) - sum(values[n] for n in names)
-            skipped = [n for n in names if not values[n]]
-            for i in torch.randperm(len(skipped), generator=gen)[: max(need, 0)].tolist():
+            need = self._min_skippable_kept(stack) - sum(bool(values.get(n, True)) for n in names)
+            skipped = [n for n in names if not values.get(n, True)]
+            if need <= 0:
+                continue
+            picks = range(need) if gen is None else torch.randperm(len(skipped), generator=gen)[:need].tolist()
+            for i in picks:
                 values[skipped[i]] = True
-        return self._make(values)
+        return self.validate(values)
 
     # -- checking ---------------------------------------------------------------------------------------------
     def validate(self, cfg: Mapping[str, Any]) -> SubnetConfig:

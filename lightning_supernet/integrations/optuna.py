@@ -198,18 +198,13 @@ class SubnetSearch:
         return cfg
 
     def repair(self, values: Mapping[str, Any]) -> SubnetConfig:
-        """Keep the earliest skipped blocks of a stack that keeps fewer than its minimum depth; validate.
+        """Keep the earliest skipped blocks of a stack that keeps fewer than its minimum depth; validate
+        (:meth:`SearchSpace.repair <lightning_supernet.space.SearchSpace.repair>`).
 
         Example:
             >>> search.repair(dict(search.space.smallest()))  # doctest: +SKIP
         """
-        values = dict(values)
-        for stack, (length, min_kept) in self.space.stacks.items():
-            names = self.space.stack_blocks(stack)
-            need = max(0, min_kept - (length - len(names))) - sum(bool(values[n]) for n in names)
-            for name in [n for n in names if not values[n]][:max(need, 0)]:
-                values[name] = True
-        return self.space.validate(values)
+        return self.space.repair(values)
 
     def motif(self, cfg: SubnetConfig) -> str:
         """The motif key of a config: equal for configs that extract to the same network.

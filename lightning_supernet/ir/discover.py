@@ -150,6 +150,8 @@ class Discovery:
         stacks: container path -> number of children (kept + skippable).
         frozen: dims considered and left fixed, with the reason (``{"blocks.0.attn.qkv.out": "reshape..."}``).
         unsupported: attention-like modules no head adapter recognises (path -> class name).
+        order: module path -> position in ``model.named_modules()`` (model order: ``blocks.2`` before
+            ``blocks.10``); dims are listed and stacks are ordered by it, never by the path's string.
 
     Example:
         >>> Discovery().widths
@@ -162,6 +164,7 @@ class Discovery:
     stacks: dict[str, int] = field(default_factory=dict)
     frozen: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
+    order: dict[str, int] = field(default_factory=dict)
 
 
 class _Groups:
@@ -283,7 +286,7 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
         >>> lin = nn.Linear(3, 3); discover(lin, trace(lin, torch.randn(1, 3))).widths
         []
     """
-    found = Discovery()
+    found = Discovery(order={path: i for i, path in enumerate(graph.modules)})
     walker = _Walker(model, graph)
     groups = _Groups()
     for call in graph.calls:
