@@ -20,6 +20,7 @@ from lightning_supernet.errors import InvalidArgumentError
 from lightning_supernet.elastic.base import ElasticMixin
 from lightning_supernet.elastic.depth import SkippableBlock
 from lightning_supernet.ir.graph import call_model
+from lightning_supernet.state import model_device, preserved_modes
 
 __all__ = ["active_params", "count_macs", "count_params", "measure_latency"]
 
@@ -71,13 +72,9 @@ def count_macs(model: nn.Module, example: Any) -> int:
         18
     """
     counter = FlopCounterMode(display=False)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), counter:
-            call_model(model, example)
-    finally:
-        model.train(was_training)
+    with preserved_modes(model), torch.no_grad(), counter:
+        model.eval()
+        call_model(model, example)
     return counter.get_total_flops() // 2
 
 
@@ -86,7 +83,8 @@ def measure_latency(model: nn.Module, example: Any, *, device: str | torch.devic
     """Median wall time of a no-grad forward pass, in milliseconds, after ``warmup`` passes.
 
     Args:
-        model: the (extracted) model to time; it is moved to ``device`` for the measurement.
+        model: the (extracted) model to time; it is moved to ``device`` for the measurement and back after it,
+            and every module keeps its own train/eval mode.
         example: its input (tensor, tuple of args or dict of kwargs).
         device: where to run (default: the model's device).
         warmup: untimed passes first. repeats: timed passes (the median is returned).
@@ -98,17 +96,16 @@ def measure_latency(model: nn.Module, example: Any, *, device: str | torch.devic
     """
     if repeats < 1 or warmup < 0:
         raise InvalidArgumentError(f"`repeats` must be >= 1 and `warmup` >= 0, got repeats={repeats}, warmup={warmup}")
-    params = next(model.parameters(), None)
-    device = torch.device(device) if device is not None else (params.device if params is not None else "cpu")
-    model = model.to(device)
+    home = model_device(model)
+    device = torch.device(device) if device is not None else home
+    model.to(device)
     example = _to(example, device)
-    was_training = model.training
-    model.eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
     times = []
     try:
-        with torch.no_grad(), autocast:
+        with preserved_modes(model), torch.no_grad(), autocast:
+            model.eval()
             for i in range(warmup + repeats):
                 sync()
                 t0 = time.perf_counter()
@@ -117,7 +114,7 @@ def measure_latency(model: nn.Module, example: Any, *, device: str | torch.devic
                 if i >= warmup:
                     times.append((time.perf_counter() - t0) * 1e3)
     finally:
-        model.train(was_training)
+        model.to(home)  # the caller's model stays where it was
     return statistics.median(times)
 
 

@@ -91,22 +91,14 @@ def extract_model(supernet: SupernetModule, cfg: SubnetConfig) -> nn.Module:
 
 
 def _drop_children(root: nn.Module, path: str, names: set[str]) -> None:
+    """Remove the skipped children ``names`` of the container at ``path`` (``""``: the model itself is the stack),
+    renumbering the kept ones ``0..k-1`` like a freshly built ``ModuleList``/``Sequential``."""
     container = root.get_submodule(path) if path else root
+    if not isinstance(container, (nn.Sequential, nn.ModuleList)):
+        raise TypeError(f"cannot remove blocks from `{path or type(root).__name__}` ({type(container).__name__})")
     kept = [m for n, m in container.named_children() if n not in names]
-    if isinstance(container, nn.Sequential):
-        new: Any = type(container).__new__(type(container))
-        new.__dict__.update(container.__dict__)
-        new._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
-    elif isinstance(container, nn.ModuleList):
-        new = type(container).__new__(type(container))
-        new.__dict__.update(container.__dict__)
-        new._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
-    else:
-        raise TypeError(f"cannot remove blocks from `{path}` ({type(container).__name__})")
-    if path:
-        parent_path, _, attr = path.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
-        setattr(parent, attr, new)
+    # in place: the container object may be the model itself, or be referenced elsewhere in the copy
+    container._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
 
 
 def _clear_trainer(model: nn.Module) -> None:

@@ -25,18 +25,22 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_supernet import cost as _cost
 from lightning_supernet.build import build_space, candidate_dims, make_appliers
 from lightning_supernet.elastic import mixin_for
 from lightning_supernet.errors import ArgumentError, DiscoveryError, InvalidArgumentError, SearchSpaceError, UnsupportedModelError
+from lightning_supernet.elastic.registry import is_elastic
 from lightning_supernet.extract import extract_model
 from lightning_supernet.ir.checks import check_discovery
 from lightning_supernet.ir.discover import Discovery, discover
 from lightning_supernet.ir.graph import ModuleGraph, trace
 from lightning_supernet.space import SpaceOptions, SubnetConfig
+from lightning_supernet.state import ModelSnapshot
 from lightning_supernet.training import StepLoopMixin, capture_outputs
+from lightning_supernet.verify import verify_supernet
 
 __all__ = ["SupernetModule"]
 
@@ -100,6 +104,13 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
             raise ArgumentError(f"`model` must be a LightningModule or nn.Module, got {type(model).__name__}")
         if isinstance(model, SupernetModule):
             raise ArgumentError("`model` is already a SupernetModule; wrap the original model instead")
+        elastic = next((p for p, m in model.named_modules() if is_elastic(m)), None)
+        if elastic is not None:
+            raise ArgumentError(
+                f"`model` is already elastic (its module `{elastic or type(model).__name__}` belongs to a "
+                "SupernetModule): wrap the original model, or a plain copy of it such as "
+                "`supernet.extract(supernet.search_space.largest())`"
+            )
         if not isinstance(model, pl.LightningModule) and loss_fn is None:
             raise ArgumentError(f"`loss_fn` is required to wrap a plain nn.Module (`{type(model).__name__}`): "
                             "pass e.g. `loss_fn=torch.nn.functional.cross_entropy`, or wrap a LightningModule")
@@ -116,25 +127,84 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
             )
         self.example_input_array = example
         self.space_options = SpaceOptions.from_any(space)
-        graph = trace(model, example)
-        found = discover(model, graph, residual=self.space_options.residual)
-        check_discovery(model, graph, found)
-        self._check_supported(found, graph)
-        self.search_space = build_space(found, self.space_options)
-        graph.release()
-        self.ir: ModuleGraph = graph
-        self.discovery: Discovery = found
-        if not self.search_space.dims:
-            raise UnsupportedModelError(self._nothing_elastic(found))
-        self._appliers = make_appliers(model, found, self.search_space)
-        self._active = None
-        self._active = self.activate(self.search_space.largest())
         if isinstance(model, pl.LightningModule) and not model.automatic_optimization:
             raise ArgumentError(f"`{type(model).__name__}` uses manual optimisation; SupernetModule runs backward and the "
                             "optimizer itself (one step per multi-subnet plan): wrap a module with automatic "
                             "optimisation whose `training_step` returns the loss")
-        self.eval_subnets = eval_subnets
-        self._eval_subnet_configs = self._resolve_eval_subnets(eval_subnets)
+        snapshot = ModelSnapshot(model)
+        try:
+            self._build(model, example)
+            self.eval_subnets = eval_subnets
+            self._eval_subnet_configs = self._resolve_eval_subnets(eval_subnets)
+        except BaseException:
+            snapshot.restore()  # a construction that fails leaves the model exactly as it was
+            raise
+
+    # -- construction -----------------------------------------------------------------------------------------
+    def _build(self, model: nn.Module, example: Any) -> None:
+        """Trace, discover, check, build the space, make the modules elastic and verify them numerically.
+
+        Dims that fail verification are left fixed (their reason shows in ``print(search_space)``), unless the
+        user asked for them by name, which raises. The model is rebuilt without them and verified again.
+        """
+        graph = trace(model, example)
+        graph = self._trace_uncalled(model, example, graph)
+        found = discover(model, graph, residual=self.space_options.residual)
+        check_discovery(model, graph, found)
+        self._check_supported(found, graph)
+        graph.release()
+        self.ir: ModuleGraph = graph
+        self._check_uncalled(model, graph, found)
+        classes = ModelSnapshot(model)
+        for _ in range(8):
+            self.search_space = build_space(found, self.space_options)
+            if not self.search_space.dims:
+                raise UnsupportedModelError(self._nothing_elastic(found))
+            self.discovery: Discovery = found
+            self._appliers = make_appliers(model, found, self.search_space)
+            self._active = None
+            self._active = self.activate(self.search_space.largest())
+            failed = verify_supernet(self)
+            if not failed:
+                return
+            asked = [n for n in failed if self.space_options.asked_for(n)]
+            if asked:
+                raise UnsupportedModelError(f"dim `{asked[0]}` was asked for in `space=` but cannot be sliced: "
+                                            f"{failed[asked[0]]}")
+            rank_zero_warn("lightning-supernet left these dims fixed: " + "; ".join(
+                f"`{n}`: {why}" for n, why in failed.items()))
+            classes.restore()
+            found = found.without(failed)
+        raise UnsupportedModelError(f"`{type(model).__name__}`: verification kept failing; last: {failed}")
+
+    def _trace_uncalled(self, model: nn.Module, example: Any, graph: ModuleGraph) -> ModuleGraph:
+        """Modules that run only in training (auxiliary classifiers): trace in train mode if that covers more."""
+        if not _uncalled(model, graph):
+            return graph
+        snapshot = ModelSnapshot(model, buffers=True)
+        try:
+            with torch.random.fork_rng():
+                train_graph = trace(model, example, train=True)
+        except DiscoveryError:
+            return graph
+        finally:
+            snapshot.restore()
+        return train_graph if len(_uncalled(model, train_graph)) < len(_uncalled(model, graph)) else graph
+
+    def _check_uncalled(self, model: nn.Module, graph: ModuleGraph, found: Discovery) -> None:
+        """A module the example never runs (a data-dependent branch) may read dims that would shrink: refuse."""
+        sizes = {w.size for w in found.widths} | {h.spec.num_heads * h.spec.head_dim for h in found.heads}
+        for path in _uncalled(model, graph):
+            mod = model.get_submodule(path)
+            dims = {getattr(mod, a) for a in ("in_features", "out_features", "in_channels", "out_channels",
+                                               "num_features", "embed_dim") if isinstance(getattr(mod, a, None), int)}
+            if dims & sizes and self.space_options.elastic != ("depth",):
+                raise UnsupportedModelError(
+                    f"`{path}` ({type(mod).__name__}) never ran on the example input (a branch the example does "
+                    f"not take), so its couplings are unknown and it may read dims that would shrink. HINT: give "
+                    f"an `example_input` that runs it, or keep the dims it may read fixed with `space={{'exclude': "
+                    f"[...]}}` / `space={{'include': [...]}}`"
+                )
 
     # -- discovery errors -------------------------------------------------------------------------------------
     def _check_supported(self, found: Discovery, graph: ModuleGraph) -> None:
@@ -147,13 +217,8 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
                 "`space={'elastic': ['width', 'depth']}`"
             )
         names = [d.name for d in candidate_dims(found)]
-        for pattern in self.space_options.include:
-            import fnmatch
-
-            if not any(fnmatch.fnmatch(n, pattern) for n in names):
-                frozen = "; ".join(f"{k} {v}" for k, v in list(found.frozen.items())[:3])
-                raise SearchSpaceError(f"`space['include']` pattern {pattern!r} matches no elastic dim; "
-                                       f"elastic dims are e.g. {names[:3]}; frozen: {frozen}")
+        self.space_options.check_patterns(names)
+        self.space_options.check_depth(found.stacks)
 
     def _nothing_elastic(self, found: Discovery) -> str:
         opaque = sorted({type(m).__name__ for m in self.model.modules()
@@ -382,6 +447,12 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         if not tensors:
             raise TypeError(f"the model output ({type(output).__name__}) holds no tensor; pass `output_transform`")
         return tensors[0]
+
+
+def _uncalled(model: nn.Module, graph: ModuleGraph) -> list[str]:
+    """Leaf modules holding parameters that the traced forward never called."""
+    return [p for p, n in graph.modules.items() if n.is_leaf and n.params and not n.calls
+            and any(t.requires_grad for t in model.get_submodule(p).parameters(recurse=False))]
 
 
 for _hook in ("on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "on_train_epoch_start",

@@ -288,19 +288,19 @@ def test_registering_a_head_adapter_makes_the_attention_elastic():
 # -- the space= argument -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("space,pattern", [
     ({"min_dept": 1}, r"`space` has unknown key 'min_dept'; allowed keys: .*\bmin_depth\b"),
-    ({"width_ratios": (0, 1.5)}, r"`space\['width_ratios'\]` must be fractions in \(0, 1\], got \(0, 1\.5\)"),
-    ({"head_ratios": []}, r"`space\['head_ratios'\]` must be fractions in \(0, 1\], got \(\)"),
-    ({"elastic": ["widths"]}, r"`space\['elastic'\]` has 'widths'; allowed: width, heads, depth"),
+    ({"width_ratios": (0, 1.5)}, r"`space\['width_ratios'\]` must be a non-empty list of fractions in \(0, 1\], got \(0, 1\.5\)"),
+    ({"head_ratios": []}, r"`space\['head_ratios'\]` must be a non-empty list of fractions in \(0, 1\], got \(\)"),
+    ({"elastic": ["widths"]}, r"`space\['elastic'\]` has 'widths'; allowed: a non-empty list among width, heads, depth"),
     ({"keep_prob": 0}, r"`space\['keep_prob'\]` must be in \(0, 1\], got 0"),
     ({"round_to": 0}, r"`space\['round_to'\]` must be a positive int, got 0"),
-    ({"min_depth": -1}, r"`space\['min_depth'\]` must be a fraction or a count >= 0, got -1"),
+    ({"min_depth": -1}, r"`space\['min_depth'\]` must be a fraction in \[0, 1\] of each stack's length or an int count of blocks, got -1"),
     (5, r"`space` must be a dict or SpaceOptions, got int"),
     ({"choices": {"*.fc1.width": [1000]}},
      r"`space\['choices'\]` gives dim `blocks\.0\.mlp\.fc1\.width` the choice 1000; allowed: ints in \[1, 128\]"),
     ({"choices": {"*.attn.heads": [0, 2]}},
      r"`space\['choices'\]` gives dim `blocks\.0\.attn\.heads` the choice 0; allowed: ints in \[1, 2\]"),
     ({"include": ["nothing.*"]},
-     r"`space\['include'\]` pattern 'nothing\.\*' matches no elastic dim; elastic dims are e\.g\. \['blocks\.0\.keep'"),
+     r"`space\['include'\]` pattern 'nothing\.\*' matches no dim; dims are e\.g\. `blocks\.0\.keep`"),
 ])
 def test_bad_space_option(space, pattern):
     with pytest.raises(SearchSpaceError, match=pattern):

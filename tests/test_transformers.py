@@ -190,6 +190,9 @@ def test_unknown_attention_names_the_class_and_how_to_register_an_adapter() -> N
 
     register_head_adapter(distilbert)
     try:
+        with pytest.raises(TypeError, match="already elastic"):  # `fixed` owns `model` now
+            _supernet(model, example)
+        model = transformers.DistilBertForSequenceClassification(config).eval()
         supernet = _supernet(model, example)
         cfg = supernet.search_space.config({"distilbert.transformer.layer.0.attention.heads": 2})
         small = supernet.extract(cfg).eval()

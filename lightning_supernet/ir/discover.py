@@ -166,6 +166,22 @@ class Discovery:
     unsupported: dict[str, str] = field(default_factory=dict)
     order: dict[str, int] = field(default_factory=dict)
 
+    def without(self, reasons: dict[str, str]) -> Discovery:
+        """A copy with the dims named in ``reasons`` left fixed (moved to :attr:`frozen` with their reason).
+
+        Example:
+            >>> d = Discovery(widths=[WidthGroup("fc1.width", 8, ("fc1",), ("fc2",), ())])
+            >>> d.without({"fc1.width": "crashes"}).frozen
+            {'fc1.width': 'crashes'}
+        """
+        return Discovery(
+            widths=[w for w in self.widths if w.name not in reasons],
+            heads=[h for h in self.heads if h.name not in reasons],
+            blocks=[b for b in self.blocks if b.name not in reasons],
+            stacks=dict(self.stacks), frozen={**self.frozen, **reasons}, unsupported=dict(self.unsupported),
+            order=self.order,
+        )
+
 
 class _Groups:
     """Union-find over ports ``(path, "out"|"in"|"ch")`` with a 'frozen because' reason per set."""

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_supernet.errors import DiscoveryError
+from lightning_supernet.state import preserved_modes
 
 __all__ = ["Call", "ModuleGraph", "ModuleNode", "call_model", "flatten_tensors", "trace"]
 
@@ -183,7 +185,7 @@ def _marker() -> int:
 
 
 def flatten_tensors(obj: Any) -> list[torch.Tensor]:
-    """Every tensor in a nested tuple/list/dict/``ModelOutput``, in order.
+    """Every tensor in a nested tuple/list/dict/dataclass/``ModelOutput``, in order.
 
     Example:
         >>> len(flatten_tensors({"a": torch.ones(1), "b": (torch.ones(2), 3)}))
@@ -195,6 +197,8 @@ def flatten_tensors(obj: Any) -> list[torch.Tensor]:
         return [t for v in obj.values() for t in flatten_tensors(v)]
     if isinstance(obj, (tuple, list)):
         return [t for v in obj for t in flatten_tensors(v)]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return [t for f in dataclasses.fields(obj) for t in flatten_tensors(getattr(obj, f.name))]
     return []
 
 
@@ -223,12 +227,17 @@ def _track(example: Any) -> Any:
     return example
 
 
-def trace(model: nn.Module, example: Any) -> ModuleGraph:
+def trace(model: nn.Module, example: Any, train: bool = False) -> ModuleGraph:
     """Run one forward pass of ``model`` on ``example`` (eval mode, grad on) and record the IR.
+
+    Every module's own train/eval flag is restored afterwards. A train-mode trace (``train=True``, for modules
+    that only run in training, such as auxiliary classifiers) updates BatchNorm statistics: callers that need the
+    model unchanged snapshot its buffers (:class:`lightning_supernet.state.ModelSnapshot`).
 
     Args:
         model: any ``nn.Module``.
         example: a tensor, a tuple of positional arguments or a dict of keyword arguments.
+        train: trace in training mode instead of eval mode.
 
     Raises:
         DiscoveryError: the forward pass failed, naming the model class and the original error.
@@ -273,15 +282,14 @@ def trace(model: nn.Module, example: Any) -> ModuleGraph:
     for mod in model.modules():
         handles.append(mod.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(mod.register_forward_hook(post_hook, with_kwargs=True))
-    was_training = model.training
-    model.eval()
     # frozen parameters would leave holes in the autograd graph (a frozen per-channel bias couples dims too)
     frozen = [p for p in model.parameters() if not p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(True)
     try:
-        tracked = _track(example)
-        with torch.enable_grad():
+        with preserved_modes(model), torch.enable_grad():
+            model.train(train)
+            for p in frozen:
+                p.requires_grad_(True)
+            tracked = _track(example)
             output = call_model(model, tracked)
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise DiscoveryError(
@@ -295,7 +303,6 @@ def trace(model: nn.Module, example: Any) -> ModuleGraph:
             h.remove()
         for p in frozen:
             p.requires_grad_(False)
-        model.train(was_training)
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
         raise DiscoveryError(f"module calls {missing} never returned while tracing `{type(model).__name__}`")
