@@ -27,6 +27,9 @@ from lightning_supernet.errors import (
 from lightning_supernet.module import SupernetModule
 from lightning_supernet.space import Dim, SearchSpace, SpaceOptions, SubnetConfig
 from lightning_supernet.strategies import ForkJoinDDPStrategy
+from lightning_supernet.integrations.transformers import install as _install_transformers
+
+_install_transformers()  # the Hugging Face config finaliser (cheap: transformers itself is imported only if used)
 
 __all__ = [
     "ArgumentError",

@@ -14,17 +14,19 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from lightning_supernet.elastic import SkippableBlock, make_elastic, mixin_for
+from lightning_supernet.elastic import HeadSetter, SkippableBlock, guard_fast_paths, make_elastic
 from lightning_supernet.errors import SearchSpaceError
 from lightning_supernet.ir.discover import Discovery
+from lightning_supernet.ops import op_for
 from lightning_supernet.space import Dim, SearchSpace, SpaceOptions
 
-__all__ = ["build_space", "candidate_dims", "make_appliers"]
+__all__ = ["build_space", "candidate_dims", "elastic_module", "make_appliers"]
 
 
 def candidate_dims(found: Discovery) -> list[Dim]:
@@ -57,8 +59,9 @@ def build_space(found: Discovery, opts: SpaceOptions) -> SearchSpace:
     for w in found.widths:
         if opts.selects(w.name, "width"):
             step = opts.round_to if w.size % opts.round_to == 0 and w.size >= 4 * opts.round_to else 1
+            step = math.lcm(step, w.multiple) if w.size % math.lcm(step, w.multiple) == 0 else w.multiple
             choices = opts.explicit_choices(w.name) or _ratios_to_choices(w.size, opts.width_ratios, step)
-            _check_choices(w.name, choices, w.size, 1)
+            _check_choices(w.name, choices, w.size, w.multiple)
             order.append((w.producers[0], Dim(w.name, "width", tuple(choices), block=w.block)))
     stacks: dict[str, tuple[int, int]] = {}
     for b in found.blocks:
@@ -81,91 +84,83 @@ def _check_choices(name: str, choices: tuple, full: int, multiple: int) -> None:
             raise SearchSpaceError(f"`space['choices']` gives dim `{name}` the choice {v!r}; allowed: {allowed}")
 
 
-_OUT = {"linear": "active_out_features", "conv": "active_out_channels"}
-_IN = {"linear": "active_in_features", "conv": "active_in_channels"}
-
-
-def _port_attr(mod: nn.Module, port: str) -> str:
-    if port == "ch":
-        return "active_out_channels" if isinstance(mod, nn.Conv2d) else "active_num_features"
-    kind = "linear" if isinstance(mod, nn.Linear) else "conv"
-    return (_OUT if port == "out" else _IN)[kind]
-
-
 class _WidthSetter:
-    """Sets the active width on every port of a group (an object, not a closure, so deepcopy/pickle of the
-    supernet re-point it at the copied modules)."""
+    """Sets the active width on every port of a group.
 
-    def __init__(self, targets: list[tuple[nn.Module, str]], full: int) -> None:
-        self.targets, self.full = targets, full
+    Modules are looked up by path on every call (an object, not a closure, so deepcopy/pickle of the supernet
+    re-point it at the copied model): a module that was replaced since — Lightning's ``sync_batchnorm=True`` swaps
+    every BatchNorm for a new ``SyncBatchNorm`` — is made elastic again on the spot, so no subnet runs on a module
+    that lost its slicing.
+    """
+
+    def __init__(self, model: nn.Module, targets: list[tuple[str, str]], full: int) -> None:
+        self.model, self.full = model, full
+        self.targets = []
+        for path, port in targets:
+            op = op_for(elastic_module(model, path))
+            self.targets.append((path, op.ports[port].active, op.mixin))
 
     def __call__(self, value: int) -> None:
         v = None if value == self.full else value
-        for mod, attr in self.targets:
+        for path, attr, mixin in self.targets:
+            mod = self.model.get_submodule(path)
+            if not isinstance(mod, mixin):
+                mod = elastic_module(self.model, path)
             setattr(mod, attr, v)
 
 
-class _HeadSetter:
-    """Slices q/k/v (or fused qkv) rows and output-projection columns head by head; sets the head attributes."""
-
-    def __init__(self, anchor: nn.Module, spec) -> None:
-        self.anchor, self.spec = anchor, spec
-        self.q, self.k, self.v, self.qkv, self.o = (anchor.get_submodule(p) if p else None
-                                                    for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o))
-        self.originals = {(p, a): getattr(anchor.get_submodule(p) if p else anchor, a)
-                          for p, a in spec.head_attrs + spec.size_attrs + spec.kv_attrs}
-        if self.qkv is not None:
-            self.qkv.out_blocks = 3
-
-    def __call__(self, heads: int) -> None:
-        spec = self.spec
-        full = heads == spec.num_heads
-        width = None if full else heads * spec.head_dim
-        kv = None if full else heads // spec.kv_group * spec.head_dim
-        for lin, w in ((self.q, width), (self.qkv, width), (self.k, kv), (self.v, kv)):
-            if lin is not None:
-                lin.active_out_features = w
-        self.o.active_in_features = width
-        values = {**{key: heads for key in spec.head_attrs}, **{key: heads * spec.head_dim for key in spec.size_attrs},
-                  **{key: heads // spec.kv_group for key in spec.kv_attrs}}
-        for (p, a), value in values.items():
-            target = self.anchor.get_submodule(p) if p else self.anchor
-            setattr(target, a, self.originals[(p, a)] if full else value)
-
-
 class _KeepSetter:
-    def __init__(self, block: nn.Module) -> None:
-        self.block = block
+    def __init__(self, model: nn.Module, path: str, out_len: int | None) -> None:
+        self.model, self.path, self.out_len = model, path, out_len
 
     def __call__(self, value: bool) -> None:
-        self.block.skipped = not value
+        block = self.model.get_submodule(self.path)
+        if not isinstance(block, SkippableBlock):
+            make_elastic(block, SkippableBlock, skip_output_len=self.out_len)
+        block.skipped = not value
+
+
+def elastic_module(model: nn.Module, path: str) -> nn.Module:
+    """The module at ``path``, made elastic by its registered op if it is not (any more).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from lightning_supernet.elastic import is_elastic
+        >>> m = nn.Sequential(nn.Linear(2, 2)); is_elastic(elastic_module(m, "0"))
+        True
+    """
+    mod = model.get_submodule(path)
+    op = op_for(mod)
+    if op is None:
+        raise TypeError(f"`{path}` ({type(mod).__name__}) has no registered elastic op")
+    if not isinstance(mod, op.mixin):
+        make_elastic(mod, op.mixin)
+    return mod
 
 
 def make_appliers(model: nn.Module, found: Discovery, space: SearchSpace) -> dict[str, Callable[[Any], None]]:
-    """Make the space's modules elastic (in place) and return ``dim name -> apply(value)``."""
+    """Make the space's modules elastic (in place) and return ``dim name -> apply(value)``.
+
+    Modules whose own ``forward`` reads their children's weights on a fused fast path (``nn.TransformerEncoderLayer``
+    and friends, :data:`~lightning_supernet.elastic.fastpath.FAST_PATH_TYPES`) and hold an elastic dim get a guard
+    that keeps them on their sliceable path.
+    """
     appliers: dict[str, Callable[[Any], None]] = {}
     for w in found.widths:
         if w.name not in space.dims:
             continue
-        targets = []
-        for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
-            for path in ports:
-                mod = model.get_submodule(path)
-                make_elastic(mod, mixin_for(mod))
-                targets.append((mod, _port_attr(mod, port)))
-        appliers[w.name] = _WidthSetter(targets, w.size)
+        targets = [(path, port) for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch"))
+                   for path in ports]
+        for path, _ in targets:
+            elastic_module(model, path)
+        appliers[w.name] = _WidthSetter(model, targets, w.size)
     for h in found.heads:
-        if h.name not in space.dims:
-            continue
-        anchor = model.get_submodule(h.path)
-        for p in (h.spec.q, h.spec.k, h.spec.v, h.spec.qkv, h.spec.o):
-            if p:
-                make_elastic(anchor.get_submodule(p), mixin_for(anchor.get_submodule(p)))
-        appliers[h.name] = _HeadSetter(anchor, h.spec)
+        if h.name in space.dims:
+            appliers[h.name] = HeadSetter(model, h.path, h.spec)
     for b in found.blocks:
         if b.name not in space.dims:
             continue
-        block = model.get_submodule(b.path)
-        make_elastic(block, SkippableBlock, skip_output_len=b.out_len)
-        appliers[b.name] = _KeepSetter(block)
+        make_elastic(model.get_submodule(b.path), SkippableBlock, skip_output_len=b.out_len)
+        appliers[b.name] = _KeepSetter(model, b.path, b.out_len)
+    guard_fast_paths(model)
     return appliers

@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -80,11 +79,12 @@ def extract_model(supernet: SupernetModule, cfg: SubnetConfig) -> nn.Module:
     for mod in small.modules():
         if isinstance(mod, ElasticMixin):
             mod.export_()
+        exported_as = mod.__dict__.pop("_exported_as", None)  # a class that can hold the smaller shape
         if is_elastic(mod):
             restore(mod)
+        if exported_as is not None:
+            mod.__class__ = exported_as
     _clear_trainer(small)
-    if "transformers" in sys.modules:  # registers the Hugging Face config finaliser (no heavy import)
-        import lightning_supernet.integrations.transformers  # noqa: F401
     for fn in _FINALIZERS:
         fn(small, cfg, supernet)
     return small

@@ -31,6 +31,7 @@ from torch import nn
 from lightning_supernet import cost as _cost
 from lightning_supernet.build import build_space, candidate_dims, make_appliers
 from lightning_supernet.elastic import mixin_for
+from lightning_supernet.ops import registered_ops
 from lightning_supernet.errors import ArgumentError, DiscoveryError, InvalidArgumentError, SearchSpaceError, UnsupportedModelError
 from lightning_supernet.elastic.registry import is_elastic
 from lightning_supernet.extract import extract_model
@@ -44,7 +45,6 @@ from lightning_supernet.verify import verify_supernet
 
 __all__ = ["SupernetModule"]
 
-_SUPPORTED = "Linear, Conv2d (groups=1 or depthwise), BatchNorm1d/2d, LayerNorm; attention through head adapters"
 
 
 class SupernetModule(StepLoopMixin, pl.LightningModule):
@@ -156,7 +156,8 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         self.ir: ModuleGraph = graph
         self._check_uncalled(model, graph, found)
         classes = ModelSnapshot(model)
-        for _ in range(8):
+        left_fixed: dict[str, str] = {}
+        for _ in range(16):
             self.search_space = build_space(found, self.space_options)
             if not self.search_space.dims:
                 raise UnsupportedModelError(self._nothing_elastic(found))
@@ -166,15 +167,20 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
             self._active = self.activate(self.search_space.largest())
             failed = verify_supernet(self)
             if not failed:
+                if left_fixed:
+                    rank_zero_warn("lightning-supernet left these dims fixed (see `print(supernet.search_space)`): "
+                                   + "; ".join(f"`{n}`: {why}" for n, why in left_fixed.items()))
                 return
-            asked = [n for n in failed if self.space_options.asked_for(n)]
+            # a head layout that failed gives way to the adapter's next candidate; anything else stays fixed
+            retry = {h.name for h in found.heads if h.name in failed and h.candidates}
+            frozen = {n: why for n, why in failed.items() if n not in retry}
+            asked = [n for n in frozen if self.space_options.asked_for(n)]
             if asked:
                 raise UnsupportedModelError(f"dim `{asked[0]}` was asked for in `space=` but cannot be sliced: "
-                                            f"{failed[asked[0]]}")
-            rank_zero_warn("lightning-supernet left these dims fixed: " + "; ".join(
-                f"`{n}`: {why}" for n, why in failed.items()))
+                                            f"{frozen[asked[0]]}")
+            left_fixed.update(frozen)
             classes.restore()
-            found = found.without(failed)
+            found = found.retry(retry).without(frozen)
         raise UnsupportedModelError(f"`{type(model).__name__}`: verification kept failing; last: {failed}")
 
     def _trace_uncalled(self, model: nn.Module, example: Any, graph: ModuleGraph) -> ModuleGraph:
@@ -225,7 +231,8 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
                          if not list(m.children()) and list(m.parameters(recurse=False)) and mixin_for(m) is None})
         return (f"found no elastic dim in `{type(self.model).__name__}`"
                 + (f": its layers of type {', '.join(opaque)} are not supported" if opaque else "")
-                + f" (supported: {_SUPPORTED}); frozen dims: "
+                + f" (supported: {', '.join(sorted({op.name for op in registered_ops()}))}; attention through head "
+                  "adapters); frozen dims: "
                 + ("; ".join(f"{k} {v}" for k, v in list(found.frozen.items())[:4]) or "none"))
 
     # -- the active subnet ------------------------------------------------------------------------------------
@@ -450,9 +457,16 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
 
 
 def _uncalled(model: nn.Module, graph: ModuleGraph) -> list[str]:
-    """Leaf modules holding parameters that the traced forward never called."""
-    return [p for p, n in graph.modules.items() if n.is_leaf and n.params and not n.calls
-            and any(t.requires_grad for t in model.get_submodule(p).parameters(recurse=False))]
+    """Leaf modules holding trainable parameters that the traced forward never used (neither called the module
+    nor read its weights, as ``nn.MultiheadAttention`` reads ``out_proj.weight``)."""
+    out = []
+    for path, node in graph.modules.items():
+        if not node.is_leaf or not node.params or node.calls:
+            continue
+        params = [t for t in model.get_submodule(path).parameters(recurse=False) if t.requires_grad]
+        if params and not any(id(t) in graph.used_params for t in params):
+            out.append(path)
+    return out
 
 
 for _hook in ("on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "on_train_epoch_start",

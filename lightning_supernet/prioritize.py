@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_supernet.errors import InvalidArgumentError
+from lightning_supernet.ops import op_for
 
 if TYPE_CHECKING:
     from lightning_supernet.module import SupernetModule
@@ -33,10 +34,14 @@ if TYPE_CHECKING:
 __all__ = ["activation_importance", "group_tensors", "magnitude_importance", "reorder", "taylor_importance"]
 
 
-def _head_index(spec, perm: torch.Tensor, blocks: int = 1) -> torch.Tensor:
-    """Row indices of a [blocks][heads][head_dim] layout for a permutation of (kv-)head groups."""
+def _head_index(spec, perm: torch.Tensor, blocks: int = 1, layout: str = "qkv") -> torch.Tensor:
+    """Row indices for a permutation of (kv-)head groups: ``[blocks][heads][head_dim]`` rows, or head-major
+    ``[heads][blocks][head_dim]`` rows (``layout="head"``, a fused q/k/v laid out per head)."""
     rep = spec.kv_group
     heads = (perm[:, None] * rep + torch.arange(rep)).reshape(-1)  # query heads follow their kv head
+    if layout == "head":
+        per_head = blocks * spec.head_dim
+        return (heads[:, None] * per_head + torch.arange(per_head)).reshape(-1)
     rows = (heads[:, None] * spec.head_dim + torch.arange(spec.head_dim)).reshape(-1)
     per_block = spec.num_heads * spec.head_dim
     return torch.cat([rows + b * per_block for b in range(blocks)])
@@ -46,10 +51,17 @@ def _kv_index(spec, perm: torch.Tensor) -> torch.Tensor:
     return (perm[:, None] * spec.head_dim + torch.arange(spec.head_dim)).reshape(-1)
 
 
+def _port_tensors(mod: nn.Module, port: str, index: Any) -> list[tuple[nn.Module, str, int, Any]]:
+    """``(module, tensor, dim, index)`` for the tensors the registered op of ``mod`` slices on ``port``."""
+    return [(mod, t, d, index) for t, d in op_for(mod).ports[port].tensors if getattr(mod, t, None) is not None]
+
+
 def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None = None) -> list[tuple[nn.Module, str, int, Any]]:
     """``(module, tensor name, dim, index)`` for every tensor of group ``name`` (index: rows for ``perm``).
 
-    With ``perm=None`` the index is ``None`` and the list just names the group's tensors and their channel dim.
+    The tensors come from each member's registered op (:mod:`lightning_supernet.ops`): producers' ``out`` port,
+    consumers' ``in`` port, channel-wise modules' ``ch`` port (BatchNorm statistics included). With ``perm=None``
+    the index is ``None`` and the list just names the group's tensors and their channel dim.
 
     Example:
         >>> import torch.nn.functional as F
@@ -65,32 +77,23 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
     for w in found.widths:
         if w.name != name:
             continue
-        for path in w.producers:
-            mod = model.get_submodule(path)
-            out += [(mod, t, 0, perm) for t in ("weight", "bias") if getattr(mod, t, None) is not None]
-        for path in w.consumers:
-            out.append((model.get_submodule(path), "weight", 1, perm))
-        for path in w.channelwise:
-            mod = model.get_submodule(path)
-            out += [(mod, t, 0, perm) for t in ("weight", "bias", "running_mean", "running_var")
-                    if getattr(mod, t, None) is not None]
+        for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
+            for path in ports:
+                out += _port_tensors(model.get_submodule(path), port, perm)
         return out
     for h in found.heads:
         if h.name != name:
             continue
-        anchor, spec = model.get_submodule(h.path), h.spec
+        anchor, spec = model.get_submodule(h.path) if h.path else model, h.spec
         q_idx = None if perm is None else _head_index(spec, perm)
         for path, blocks in ((spec.q, 1), (spec.qkv, 3)):
-            if path:
-                mod = anchor.get_submodule(path)
-                idx = None if perm is None else _head_index(spec, perm, blocks)
-                out += [(mod, t, 0, idx) for t in ("weight", "bias") if getattr(mod, t, None) is not None]
+            if path is not None:
+                idx = None if perm is None else _head_index(spec, perm, blocks, spec.layout)
+                out += _port_tensors(anchor.get_submodule(path), "out", idx)
         for path in (spec.k, spec.v):
-            if path:
-                mod = anchor.get_submodule(path)
-                idx = None if perm is None else _kv_index(spec, perm)
-                out += [(mod, t, 0, idx) for t in ("weight", "bias") if getattr(mod, t, None) is not None]
-        out.append((anchor.get_submodule(spec.o), "weight", 1, q_idx))
+            if path is not None:
+                out += _port_tensors(anchor.get_submodule(path), "out", None if perm is None else _kv_index(spec, perm))
+        out += _port_tensors(anchor.get_submodule(spec.o), "in", q_idx)
         return out
     raise KeyError(f"no width or head group named `{name}`")
 
@@ -106,19 +109,40 @@ def _units(supernet: SupernetModule, name: str) -> int:
     raise KeyError(name)
 
 
+def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
+    """For each tensor of :func:`group_tensors` (same order): the unit (channel, or key/value head group) of each
+    row along its dim."""
+    tensors = group_tensors(supernet, name)
+    for w in supernet.discovery.widths:
+        if w.name == name:
+            return [torch.arange(w.size)] * len(tensors)
+    spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
+    d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
+    ids = []
+    for mod, tensor_name, dim, _ in tensors:
+        n = getattr(mod, tensor_name).shape[dim]
+        rows = torch.arange(n)
+        if rep > 1 and n == spec.num_kv_heads * d:
+            ids.append(rows // d)  # key/value projections of grouped-query attention: one head per unit
+        elif spec.layout == "head" and n > q_rows:
+            ids.append(rows // (n // spec.num_heads) // rep)  # a fused projection laid out per head
+        else:
+            ids.append(rows % q_rows // d // rep)  # [blocks][heads][head_dim] rows, or an output's columns
+    return ids
+
+
 def _per_unit(supernet: SupernetModule, name: str, score_of: Any) -> torch.Tensor:
     """Sum ``score_of(module, tensor, dim)`` (a per-row score along ``dim``) over the group, per unit."""
     units = _units(supernet, name)
     total = torch.zeros(units, dtype=torch.float64)
-    for mod, tensor_name, dim, _ in group_tensors(supernet, name):
+    for (mod, tensor_name, dim, _), ids in zip(group_tensors(supernet, name), _unit_ids(supernet, name), strict=True):
         t = getattr(mod, tensor_name)
         if t is None or tensor_name.startswith("running_"):
             continue
         score = score_of(mod, tensor_name, dim)
         if score is None:
             continue
-        blocks = (getattr(mod, "out_blocks", None) or 1) if dim == 0 else 1
-        total += score.double().cpu().reshape(blocks, units, -1).sum((0, 2))
+        total.index_add_(0, ids, score.double().cpu())
     return total
 
 
@@ -178,7 +202,7 @@ def activation_importance(supernet: SupernetModule, batches: Iterable[Any]) -> d
             continue
         for path in w.producers:
             mod = model.get_submodule(path)
-            channel_dim = 1 if isinstance(mod, nn.Conv2d) else -1
+            channel_dim = op_for(mod).channel_dim
 
             def hook(_m, _a, out, name=w.name, cd=channel_dim):
                 a = out.detach().abs().movedim(cd, 0).reshape(out.shape[cd], -1).double().sum(1).cpu()

@@ -40,6 +40,7 @@ from torch import nn
 from lightning_supernet.elastic.registry import original_class
 from lightning_supernet.errors import UnsupportedModelError
 from lightning_supernet.ir.graph import call_model, flatten_tensors
+from lightning_supernet.ops import op_for
 from lightning_supernet.state import ModelSnapshot, preserved_modes
 
 if TYPE_CHECKING:
@@ -168,11 +169,17 @@ def _masked_groups(supernet: SupernetModule) -> dict[str, list[tuple[nn.Module, 
             continue
         if any(isinstance(model.get_submodule(p), nn.LayerNorm) for p in w.channelwise):
             continue  # slicing changes the normalisation statistics: not equal to removal by design
-        groups[w.name] = [(model.get_submodule(p), "weight", 1, 1) for p in w.consumers]
+        groups[w.name] = [(m, t, d, 1) for p in w.consumers for m, t, d in _in_port(model.get_submodule(p))]
     for h in found.heads:
         if h.name in dims:
-            groups[h.name] = [(model.get_submodule(h.path).get_submodule(h.spec.o), "weight", 1, h.spec.head_dim)]
+            anchor = model.get_submodule(h.path) if h.path else model
+            groups[h.name] = [(m, t, d, h.spec.head_dim) for m, t, d in _in_port(anchor.get_submodule(h.spec.o))]
     return groups
+
+
+def _in_port(mod: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    """The tensors (and their dims) through which ``mod`` reads its input channels, from its registered op."""
+    return [(mod, t, d) for t, d in op_for(mod).ports["in"].tensors]
 
 
 @contextlib.contextmanager

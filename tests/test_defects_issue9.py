@@ -111,17 +111,22 @@ def test_extract_drops_skipped_blocks_when_the_model_itself_is_the_stack():
 
 
 # -- defect 4: head layouts are verified numerically, not guessed by name ------------------------------------------
-class _HeadMajorAttention(nn.Module):
-    """A fused qkv laid out [heads][3][head_dim] (GPT-NeoX style) under timm's names."""
+class _FusedAttention(nn.Module):
+    """A fused qkv under timm's names whose rows are laid out ``[heads][3][head_dim]`` (GPT-NeoX style) or
+    ``[3][head_dim][heads]`` (a layout no adapter proposes)."""
 
-    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+    def __init__(self, layout: str, dim: int = 32, heads: int = 4) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = heads, dim // heads
+        self.layout, self.num_heads, self.head_dim = layout, heads, dim // heads
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
+        qkv = self.qkv(x)
+        if self.layout == "head":
+            q, k, v = qkv.reshape(B, N, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
+        else:
+            q, k, v = qkv.reshape(B, N, 3, self.head_dim, self.num_heads).permute(2, 0, 4, 1, 3).unbind(0)
         return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
 
 
@@ -147,21 +152,36 @@ def _attention_model(make) -> nn.Module:
     return Model()
 
 
-def test_a_head_layout_the_adapter_does_not_match_is_never_sliced():
+def _preserves_function_when_reordered(sn: SupernetModule, x: torch.Tensor, expect: bool = True) -> None:
     from lightning_supernet.prioritize import magnitude_importance, reorder
 
-    model = _attention_model(_HeadMajorAttention).eval()
+    with torch.no_grad():
+        before = sn(x)
+        perms = reorder(sn, magnitude_importance(sn))
+        assert bool(perms) == expect
+        torch.testing.assert_close(sn(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_head_major_fused_layout_is_recognised_numerically_and_sliced_right():
+    model = _attention_model(lambda: _FusedAttention("head")).eval()
+    x = torch.randn(2, 5, 32)
+    sn = SupernetModule(model, F.cross_entropy, example_input=x)
+    assert [h.spec.layout for h in sn.discovery.heads] == ["head"] * 3  # the [3][heads][head_dim] guess failed
+    _preserves_function_when_reordered(sn, x)
+    for cfg in (sn.search_space.smallest(), sn.search_space.sample(0), sn.search_space.sample(1)):
+        _agree_in_every_mode(sn, cfg, x)
+
+
+def test_a_head_layout_no_candidate_matches_is_never_sliced():
+    model = _attention_model(lambda: _FusedAttention("dim-major")).eval()
     x = torch.randn(2, 5, 32)
     with pytest.warns(UserWarning, match=r"blocks\.0\.attn\.heads.*slicing it does not compute what removing"):
         sn = SupernetModule(model, F.cross_entropy, example_input=x)
     assert not [d for d in sn.search_space.dims.values() if d.kind == "heads"]
     assert "slicing it does not compute" in sn.discovery.frozen["blocks.0.attn.heads"]
-    with torch.no_grad():
-        before = sn(x)
-        reorder(sn, magnitude_importance(sn))
-        torch.testing.assert_close(sn(x), before, atol=1e-5, rtol=1e-5)  # prioritization preserves the function
+    _preserves_function_when_reordered(sn, x, expect=False)  # nothing to reorder: the heads stay as they are
     with pytest.raises(UnsupportedModelError, match=r"`blocks\.0\.attn\.heads` was asked for.*slicing it does not"):
-        SupernetModule(_attention_model(_HeadMajorAttention), F.cross_entropy, example_input=x,
+        SupernetModule(_attention_model(lambda: _FusedAttention("dim-major")), F.cross_entropy, example_input=x,
                        space={"choices": {"*.heads": [2, 4]}})
 
 

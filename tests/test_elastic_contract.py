@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from lightning_supernet.elastic import (
+    ElasticConv1D,
+    ElasticMultiheadAttention,
     ElasticBatchNorm,
     ElasticConv2d,
     ElasticLayerNorm,
@@ -94,7 +96,48 @@ CASES = [
          active={"active_num_features": 5},
          index={"weight": (range(5),), "bias": (range(5),)},
          full_shape=(2, 3, 8), active_shape=(2, 3, 5), size_attrs={"normalized_shape": (5,)}),
+    # grouped (ResNeXt/RegNet): 4 groups of 3 channels; 2 groups keep channels 0-5 and the weight's first 6 rows
+    Case("grouped_conv2d", lambda: nn.Conv2d(12, 12, 3, padding=1, groups=4),
+         lambda: nn.Conv2d(6, 6, 3, padding=1, groups=2), ElasticConv2d,
+         active={"active_out_channels": 6},
+         index={"weight": (range(6), None, None, None), "bias": (range(6),)},
+         full_shape=(2, 12, 5, 5), active_shape=(2, 6, 5, 5),
+         size_attrs={"in_channels": 6, "out_channels": 6, "groups": 2}),
+    Case("batchnorm1d", lambda: nn.BatchNorm1d(8), lambda: nn.BatchNorm1d(5), ElasticBatchNorm,
+         active={"active_num_features": 5},
+         index={"weight": (range(5),), "bias": (range(5),), "running_mean": (range(5),),
+                "running_var": (range(5),)},
+         full_shape=(4, 8), active_shape=(4, 5), size_attrs={"num_features": 5}),
+    Case("sync_batchnorm", lambda: nn.SyncBatchNorm(8), lambda: nn.SyncBatchNorm(5), ElasticBatchNorm,
+         active={"active_num_features": 5},
+         index={"weight": (range(5),), "bias": (range(5),), "running_mean": (range(5),),
+                "running_var": (range(5),)},
+         full_shape=(4, 8, 3, 3), active_shape=(4, 5, 3, 3), size_attrs={"num_features": 5}),
 ]
+
+
+def _conv1d_case() -> Case | None:
+    """GPT-2's ``Conv1D`` (weight ``[in, out]``): only when ``transformers`` is installed."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Case("hf_conv1d", lambda: Conv1D(10, 12), lambda: Conv1D(6, 8), ElasticConv1D,
+                active={"active_in_features": 8, "active_out_features": 6},
+                index={"weight": (range(8), range(6)), "bias": (range(6),)},
+                full_shape=(3, 12), active_shape=(3, 8), size_attrs={"nx": 8, "nf": 6})
+
+
+CASES += [c for c in (_conv1d_case(),) if c is not None]
+
+
+def test_every_registered_op_has_a_contract_case():
+    """A new op is one file plus its case here: this fails until the case is written."""
+    from lightning_supernet.ops import registered_ops
+
+    covered = {c.mixin for c in CASES} | {ElasticMultiheadAttention}  # MHA: tests/test_elastic_attention.py
+    missing = [op.name for op in registered_ops() if op.mixin not in covered]
+    assert not missing, f"ops without a contract case: {missing}"
 
 
 @pytest.fixture(params=CASES, ids=str)
@@ -109,7 +152,7 @@ def _dense(case: Case) -> nn.Module:
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 and "Norm" in type(layer).__name__ else 0.0))
-        if isinstance(layer, nn.BatchNorm2d):
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             layer.running_mean.uniform_(-1, 1)
             layer.running_var.uniform_(0.5, 2)
     return layer

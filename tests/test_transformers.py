@@ -17,9 +17,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from lightning_supernet import SupernetModule, UnsupportedModelError  # noqa: E402
-from lightning_supernet.elastic import HeadSpec, register_head_adapter  # noqa: E402
-from lightning_supernet.elastic.attention import _ADAPTERS  # noqa: E402
+from lightning_supernet import SupernetModule  # noqa: E402
 from lightning_supernet.integrations.transformers import (  # noqa: E402
     NonUniformSubnetError,
     load_subnet,
@@ -167,39 +165,25 @@ def test_output_logits() -> None:
         output_logits({"loss": None})
 
 
-def test_unknown_attention_names_the_class_and_how_to_register_an_adapter() -> None:
+def test_distilbert_heads_are_found_and_verified_without_an_adapter_of_its_own() -> None:
+    """DistilBERT's ``q_lin/k_lin/v_lin/out_lin`` with ``n_heads`` and a size attribute ``dim``: the separate-q/k/v
+    adapter proposes it, and verification confirms that ``dim`` follows the heads (it is ``heads * head_dim``)."""
     config = transformers.DistilBertConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                                            max_position_embeddings=32)
     model = transformers.DistilBertForSequenceClassification(config).eval()
     example = {"input_ids": IDS}
-    with pytest.raises(UnsupportedModelError, match=r"DistilBertSelfAttention.*register_head_adapter") as err:
-        _supernet(model, example)
-    assert "`distilbert.transformer.layer.0.attention`" in str(err.value)
-    # heads fixed: the rest still works, and DistilBertConfig's own names (n_layers, hidden_dim) are updated
-    fixed = _supernet(model, example, space={"elastic": ["width", "depth"]})
-    assert "heads" not in {d.kind for d in fixed.search_space.dims.values()}
+    supernet = _supernet(model, example)
+    spec = supernet.discovery.heads[0].spec
+    assert (spec.q, spec.o, spec.head_attrs, spec.size_attrs) == ("q_lin", "out_lin", (("", "n_heads"),), (("", "dim"),))
+    cfg = supernet.search_space.config({"distilbert.transformer.layer.0.attention.heads": 2})
+    small = supernet.extract(cfg).eval()
+    assert small.distilbert.transformer.layer[0].attention.q_lin.out_features == 32
+    torch.testing.assert_close(_out(small, example), _under(supernet, cfg, example))
+    # heads fixed on request: DistilBertConfig's own names (n_layers, hidden_dim) are updated
+    fixed = _supernet(transformers.DistilBertForSequenceClassification(config).eval(), example,
+                      space={"elastic": ["width", "depth"]})
     small = fixed.extract(uniform_subnet(fixed, num_layers=1, intermediate_size=64))
     assert (small.config.n_layers, small.config.hidden_dim, small.supernet_format_issue) == (1, 64, None)
-
-    def distilbert(module: torch.nn.Module) -> HeadSpec | None:  # what the hint asks the user to write
-        if type(module).__name__ != "DistilBertSelfAttention":
-            return None
-        heads = module.n_heads
-        return HeadSpec(heads, heads, module.q_lin.out_features // heads, o="out_lin", q="q_lin", k="k_lin",
-                        v="v_lin", head_attrs=(("", "n_heads"),))
-
-    register_head_adapter(distilbert)
-    try:
-        with pytest.raises(TypeError, match="already elastic"):  # `fixed` owns `model` now
-            _supernet(model, example)
-        model = transformers.DistilBertForSequenceClassification(config).eval()
-        supernet = _supernet(model, example)
-        cfg = supernet.search_space.config({"distilbert.transformer.layer.0.attention.heads": 2})
-        small = supernet.extract(cfg).eval()
-        assert small.distilbert.transformer.layer[0].attention.q_lin.out_features == 32
-        torch.testing.assert_close(_out(small, example), _under(supernet, cfg, example))
-    finally:
-        _ADAPTERS.remove(distilbert)
 
 
 def test_save_and_load_errors(tmp_path) -> None:

@@ -1,190 +1,251 @@
-"""Head adapters: how an attention implementation lays out its heads, so heads can be sliced.
+"""Elastic attention heads: the head setter, and PyTorch's own ``nn.MultiheadAttention`` as an elastic op.
 
-Head counts are baked into ``reshape`` calls, so the autograd graph alone cannot say which rows of a projection
-make a head. An adapter recognises an attention module by its structure (child names, head attributes), and the
-supernet then slices q/k/v rows and output-projection columns head by head and sets the module's head attribute
-(``num_heads``, ``num_attention_heads``) while a subnet is active. The user's class is never edited.
+A :class:`~lightning_supernet.ir.heads.HeadSpec` (recognised and numerically verified on the IR side) says where
+the heads of an attention module live; :class:`HeadSetter` applies an active head count to it: it slices the
+query/key/value (or fused) projections' output rows and the output projection's input columns through their
+registered ops, and sets the module's head-count and head-size attributes for as long as the subnet is active.
 
-Built in: fused ``qkv`` + ``num_heads`` (timm, Segment Anything, most ViTs); separate ``q_proj/k_proj/v_proj/
-o_proj`` with grouped-query attention (Hugging Face Llama, Mistral, Qwen); Hugging Face's split
-``self.{query,key,value}`` + ``output.dense`` (BERT, RoBERTa, ViT). Register more with
-:func:`register_head_adapter`.
+``nn.MultiheadAttention`` holds its fused projection itself (``in_proj_weight``, laid out ``[3][heads][head_dim]``)
+and computes attention functionally, with the head size derived from ``embed_dim // num_heads``; so its elastic
+form computes the sliced attention itself (same masks, dropout, ``need_weights``, ``batch_first`` and unbatched
+inputs as torch's), and an extracted subnet with fewer heads becomes a :class:`PrunedMultiheadAttention` — a
+subclass of ``nn.MultiheadAttention`` whose heads times head size is smaller than its ``embed_dim``, which torch's
+own class cannot express.
 
 Example:
-    >>> import torch.nn as nn
-    >>> class Attn(nn.Module):
-    ...     def __init__(self):
-    ...         super().__init__(); self.num_heads = 2; self.qkv = nn.Linear(8, 24); self.proj = nn.Linear(8, 8)
-    >>> spec = find_head_spec(Attn())
-    >>> spec.num_heads, spec.head_dim, spec.qkv, spec.o
-    (2, 4, 'qkv', 'proj')
+    >>> import torch, torch.nn as nn
+    >>> from lightning_supernet.ir.heads import find_head_spec
+    >>> mha = nn.MultiheadAttention(8, 4, batch_first=True)
+    >>> setter = HeadSetter(mha, "", find_head_spec(mha)); setter(2)
+    >>> mha(torch.randn(1, 3, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 8))[0].shape, mha.num_heads
+    (torch.Size([1, 3, 8]), 2)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import math
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HEAD_ATTRS", "HeadSpec", "find_head_spec", "looks_like_attention", "register_head_adapter"]
+from lightning_supernet.elastic.base import ElasticMixin
+from lightning_supernet.elastic.registry import make_elastic
+from lightning_supernet.ir.heads import HeadSpec
+from lightning_supernet.ops import ElasticOp, Port, op_for, register_op, same_forward
 
-#: attribute names that hold a head count; a module with one and no adapter is reported as unsupported.
-HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """Where the heads of one attention module live (paths relative to the module).
-
-    Attributes:
-        num_heads: query heads of the full model.
-        num_kv_heads: key/value heads (``< num_heads`` with grouped-query attention).
-        head_dim: features per head (never elastic).
-        q, k, v: separate projections, or ``qkv``: one fused projection laid out ``[3][heads][head_dim]``.
-        o: the output projection (its input columns are ``[heads][head_dim]``).
-        head_attrs: ``(relative module path, attribute)`` pairs set to the active query-head count.
-        size_attrs: ``(path, attribute)`` pairs set to ``heads * head_dim``.
-        kv_attrs: ``(path, attribute)`` pairs set to the active key/value-head count.
-
-    Example:
-        >>> HeadSpec(num_heads=4, num_kv_heads=2, head_dim=8, q="q", k="k", v="v", o="o").kv_group
-        2
-    """
-
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    o: str
-    q: str | None = None
-    k: str | None = None
-    v: str | None = None
-    qkv: str | None = None
-    head_attrs: tuple[tuple[str, str], ...] = ()
-    size_attrs: tuple[tuple[str, str], ...] = ()
-    kv_attrs: tuple[tuple[str, str], ...] = field(default=())
-
-    @property
-    def kv_group(self) -> int:
-        """Query heads per key/value head; the active head count must be a multiple of it."""
-        return self.num_heads // self.num_kv_heads
+__all__ = ["MULTIHEAD_ATTENTION", "ElasticMultiheadAttention", "HeadSetter", "PrunedMultiheadAttention"]
 
 
-Adapter = Callable[[nn.Module], "HeadSpec | None"]
-_ADAPTERS: list[Adapter] = []
+def _elastic(root: nn.Module, path: str) -> nn.Module:
+    mod = root.get_submodule(path) if path else root
+    op = op_for(mod)
+    if op is None:
+        raise TypeError(f"`{path}` ({type(mod).__name__}) has no registered elastic op")
+    if not isinstance(mod, op.mixin):
+        make_elastic(mod, op.mixin)
+    return mod
 
 
-def register_head_adapter(adapter: Adapter) -> Adapter:
-    """Register ``adapter(module) -> HeadSpec | None``; adapters registered later are tried first.
+class HeadSetter:
+    """Applies an active head count to one attention module (see the module docstring).
+
+    The module is looked up by path on every call, so a copy of the model (deepcopy, pickle) or a module swapped
+    after construction still gets its heads sliced.
 
     Args:
-        adapter: returns a :class:`HeadSpec` for modules it recognises, else ``None``.
+        model: the model holding the attention module.
+        path: the attention module's path in ``model`` (``""``: the model itself).
+        spec: the verified layout.
 
     Example:
-        >>> @register_head_adapter
-        ... def my_attention(module):
-        ...     return None  # recognise nothing
-        >>> _ADAPTERS.remove(my_attention)
+        >>> import torch.nn as nn
+        >>> from lightning_supernet.ir.heads import find_head_spec
+        >>> mha = nn.MultiheadAttention(8, 4); HeadSetter(mha, "", find_head_spec(mha))(2)
+        >>> mha.in_proj_weight.shape, mha.active_tensor("in_proj_weight", mha.in_proj_weight).shape
+        (torch.Size([24, 8]), torch.Size([12, 8]))
     """
-    _ADAPTERS.insert(0, adapter)
-    return adapter
+
+    def __init__(self, model: nn.Module, path: str, spec: HeadSpec) -> None:
+        self.model, self.path, self.spec = model, path, spec
+        anchor = self.anchor
+        self.originals = {(p, a): getattr(anchor.get_submodule(p) if p else anchor, a)
+                          for p, a in spec.head_attrs + spec.size_attrs + spec.kv_attrs}
+        for p in spec.paths:
+            _elastic(anchor, p)
+
+    @property
+    def anchor(self) -> nn.Module:
+        """The attention module."""
+        return self.model.get_submodule(self.path) if self.path else self.model
+
+    def __call__(self, heads: int) -> None:
+        spec, anchor = self.spec, self.anchor
+        full = heads == spec.num_heads
+        width = None if full else heads * spec.head_dim
+        kv = None if full else heads // spec.kv_group * spec.head_dim
+        if spec.qkv is not None:
+            fused = _elastic(anchor, spec.qkv)
+            port = op_for(fused).ports["out"]
+            head_major = spec.layout == "head"
+            setattr(fused, port.active, None if full else (3 * width if head_major else width))
+            if port.blocks:
+                setattr(fused, port.blocks, 1 if head_major else 3)
+        for path, w in ((spec.q, width), (spec.k, kv), (spec.v, kv)):
+            if path is not None:
+                proj = _elastic(anchor, path)
+                setattr(proj, op_for(proj).ports["out"].active, w)
+        o = _elastic(anchor, spec.o)
+        setattr(o, op_for(o).ports["in"].active, width)
+        values = {**{key: heads for key in spec.head_attrs}, **{key: heads * spec.head_dim for key in spec.size_attrs},
+                  **{key: heads // spec.kv_group for key in spec.kv_attrs}}
+        for (p, a), value in values.items():
+            setattr(anchor.get_submodule(p) if p else anchor, a, self.originals[(p, a)] if full else value)
 
 
-def find_head_spec(module: nn.Module) -> HeadSpec | None:
-    """The first registered adapter's spec for ``module``, or ``None``.
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if mask is None or mask.is_floating_point():
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+
+
+def sliced_attention(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     in_weight: torch.Tensor, in_bias: torch.Tensor | None, out_weight: torch.Tensor,
+                     out_bias: torch.Tensor | None, heads: int, head_dim: int, key_padding_mask: Any = None,
+                     need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
+                     is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``nn.MultiheadAttention``'s computation with ``heads`` heads of ``head_dim`` (any ``heads * head_dim``).
+
+    Args mirror ``nn.MultiheadAttention.forward``; the weights are the active (sliced) ones.
 
     Example:
-        >>> find_head_spec(nn.Linear(2, 2)) is None
+        >>> mha = nn.MultiheadAttention(8, 2, batch_first=True); x = torch.randn(1, 3, 8)
+        >>> out, _ = sliced_attention(mha, x, x, x, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
+        ...                           mha.out_proj.bias, 2, 4)
+        >>> torch.allclose(out, mha(x, x, x)[0], atol=1e-6)
         True
     """
-    for adapter in _ADAPTERS:
-        spec = adapter(module)
-        if spec is not None:
-            return spec
-    return None
+    unbatched = query.dim() == 2
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+    elif not module.batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    B, L, S = query.shape[0], query.shape[1], key.shape[1]
+    wq, wk, wv = in_weight.chunk(3)
+    bq, bk, bv = in_bias.chunk(3) if in_bias is not None else (None, None, None)
+    q = F.linear(query, wq, bq).view(B, L, heads, head_dim).transpose(1, 2)  # (B, nh, L, hd)
+    k = F.linear(key, wk, bk).view(B, S, heads, head_dim).transpose(1, 2)
+    v = F.linear(value, wv, bv).view(B, S, heads, head_dim).transpose(1, 2)
+    mask = _float_mask(attn_mask, q.dtype)
+    if mask is not None:
+        mask = mask.view(B, -1, L, S)[:, :heads] if mask.dim() == 3 else mask.view(1, 1, L, S)
+    padding = _float_mask(key_padding_mask, q.dtype)
+    if padding is not None:
+        padding = padding.view(B, 1, 1, S)
+        mask = padding if mask is None else mask + padding
+    causal = is_causal and mask is None
+    dropout = module.dropout if module.training else 0.0
+    weights = None
+    if need_weights:
+        scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)
+        if causal:
+            scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        if mask is not None:
+            scores = scores + mask
+        attn = F.dropout(scores.softmax(-1), dropout, training=dropout > 0)
+        out = attn @ v
+        weights = attn.mean(1) if average_attn_weights else attn
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+    out = F.linear(out.transpose(1, 2).reshape(B, L, heads * head_dim), out_weight, out_bias)
+    if unbatched:
+        return out.squeeze(0), None if weights is None else weights.squeeze(0)
+    return (out if module.batch_first else out.transpose(0, 1)), weights
 
 
-def looks_like_attention(module: nn.Module) -> bool:
-    """A module with an integer head-count attribute and a linear child: attention that needs an adapter.
+class ElasticMultiheadAttention(ElasticMixin):
+    """Mixin for ``nn.MultiheadAttention`` (packed projection, no ``bias_k``/``add_zero_attn``).
+
+    Attributes:
+        active_out_features: rows of each q/k/v block in use (``heads * head_dim``), ``None``: all heads (torch's
+            own forward, fast path included).
+        out_blocks: blocks of the fused projection (3).
 
     Example:
-        >>> looks_like_attention(nn.Linear(2, 2))
-        False
+        >>> from lightning_supernet.elastic.registry import make_elastic
+        >>> mha = nn.MultiheadAttention(8, 2); make_elastic(mha, ElasticMultiheadAttention)
+        >>> mha.active_out_features is None
+        True
     """
-    has_heads = any(isinstance(getattr(module, a, None), int) for a in HEAD_ATTRS)
-    return has_heads and any(isinstance(c, nn.Linear) for c in module.children())
+
+    _elastic_attrs = ("active_out_features", "out_blocks")
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Any = None,
+                need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.active_out_features is None:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        out_proj = self.out_proj
+        out_weight = out_proj.active_tensor("weight", out_proj.weight) if hasattr(out_proj, "active_tensor") else \
+            out_proj.weight[:, : self.active_out_features]
+        return sliced_attention(
+            self, query, key, value, self.active_tensor("in_proj_weight", self.in_proj_weight),
+            self.active_tensor("in_proj_bias", self.in_proj_bias), out_weight, out_proj.bias, self.num_heads,
+            self.head_dim, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+
+    def export_(self) -> dict[str, int]:
+        heads = self.active_out_features
+        super().export_()
+        if heads is not None:  # torch's class needs heads x head_dim == embed_dim: keep a forward that does not
+            self.__dict__["_exported_as"] = PrunedMultiheadAttention
+            # torch's fused transformer kernels (TransformerEncoderLayer's fast path) assume that too; this flag is
+            # among what they check, and the pruned forward never reads it
+            self._qkv_same_embed_dim = False
+        return {"num_heads": self.num_heads}
 
 
-def _linear(module: nn.Module, name: str) -> nn.Linear | None:
-    child = getattr(module, name, None)
-    return child if isinstance(child, nn.Linear) else None
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """An ``nn.MultiheadAttention`` with fewer heads than ``embed_dim // head_dim`` (what ``extract`` gives for a
+    subnet with fewer heads): its projections map ``embed_dim`` to ``num_heads * head_dim`` and back.
+
+    Note:
+        Its ``_qkv_same_embed_dim`` is ``False`` although its projection is packed: that keeps PyTorch's fused
+        transformer kernels, which assume ``num_heads * head_dim == embed_dim``, from being used on it.
+
+    Example:
+        >>> import copy
+        >>> from lightning_supernet.elastic.registry import make_elastic, restore
+        >>> mha = nn.MultiheadAttention(8, 4, batch_first=True).eval(); x = torch.randn(2, 3, 8)
+        >>> make_elastic(mha, ElasticMultiheadAttention); HeadSetter(mha, "", _spec(mha))(2)
+        >>> small = copy.deepcopy(mha); small.export_(); restore(small); small.__class__ = PrunedMultiheadAttention
+        >>> torch.allclose(small(x, x, x)[0], mha(x, x, x)[0], atol=1e-6), small.in_proj_weight.shape
+        (True, torch.Size([12, 8]))
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Any = None,
+                need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return sliced_attention(self, query, key, value, self.in_proj_weight, self.in_proj_bias,
+                                self.out_proj.weight, self.out_proj.bias, self.num_heads, self.head_dim,
+                                key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
 
 
-def _int_attr(module: nn.Module, names: tuple[str, ...]) -> tuple[str, int] | None:
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return name, value
-    return None
+def _spec(mha: nn.MultiheadAttention) -> HeadSpec:
+    return HeadSpec(mha.num_heads, mha.num_heads, mha.head_dim, o="out_proj", qkv="", head_attrs=(("", "num_heads"),))
 
 
-@register_head_adapter
-def _fused_qkv(module: nn.Module) -> HeadSpec | None:
-    qkv = _linear(module, "qkv")
-    heads = _int_attr(module, HEAD_ATTRS)
-    o_name = next((n for n in ("proj", "out_proj", "o_proj", "c_proj") if _linear(module, n)), None)
-    if qkv is None or heads is None or o_name is None or qkv.out_features % (3 * heads[1]):
-        return None
-    head_dim = qkv.out_features // 3 // heads[1]
-    if getattr(module, o_name).in_features != heads[1] * head_dim:
-        return None
-    return HeadSpec(heads[1], heads[1], head_dim, o=o_name, qkv="qkv", head_attrs=(("", heads[0]),))
+def _supported_mha(module: nn.Module) -> bool:
+    return (same_forward(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+            and module.in_proj_weight is not None)
 
 
-@register_head_adapter
-def _separate_qkv(module: nn.Module) -> HeadSpec | None:
-    names = ("q_proj", "k_proj", "v_proj")
-    q, k, v = (_linear(module, n) for n in names)
-    o_name = next((n for n in ("o_proj", "out_proj", "dense") if _linear(module, n)), None)
-    if q is None or k is None or v is None or o_name is None:
-        return None
-    config = getattr(module, "config", None)
-    num_heads = getattr(config, "num_attention_heads", None)
-    head_dim = getattr(module, "head_dim", None)
-    found = _int_attr(module, HEAD_ATTRS)
-    if num_heads is None and found is not None:
-        num_heads = found[1]
-    if not isinstance(head_dim, int) and num_heads:
-        head_dim = q.out_features // num_heads
-    if not isinstance(head_dim, int) or not head_dim or q.out_features % head_dim or k.out_features % head_dim:
-        return None
-    num_heads, num_kv = q.out_features // head_dim, k.out_features // head_dim
-    if v.out_features != k.out_features or num_heads % num_kv:
-        return None
-    head_attrs = (("", found[0]),) if found else ()
-    kv = _int_attr(module, ("num_key_value_heads", "num_kv_heads"))
-    return HeadSpec(num_heads, num_kv, head_dim, o=o_name, q="q_proj", k="k_proj", v="v_proj",
-                    head_attrs=head_attrs, kv_attrs=((("", kv[0]),) if kv else ()))
-
-
-@register_head_adapter
-def _hf_self_output(module: nn.Module) -> HeadSpec | None:
-    inner = out = None
-    inner_name = out_name = ""
-    for name, child in module.named_children():
-        if all(_linear(child, n) for n in ("query", "key", "value")):
-            inner, inner_name = child, name
-        elif _linear(child, "dense") is not None:
-            out, out_name = child, name
-    if inner is None or out is None:
-        return None
-    heads = _int_attr(inner, HEAD_ATTRS)
-    if heads is None:
-        return None
-    head_dim = inner.query.out_features // heads[1]
-    if inner.key.out_features != heads[1] * head_dim or out.dense.in_features != heads[1] * head_dim:
-        return None
-    size = (((inner_name, "all_head_size"),) if isinstance(getattr(inner, "all_head_size", None), int) else ())
-    return HeadSpec(heads[1], heads[1], head_dim, o=f"{out_name}.dense", q=f"{inner_name}.query",
-                    k=f"{inner_name}.key", v=f"{inner_name}.value", head_attrs=((inner_name, heads[0]),),
-                    size_attrs=size)
+#: ``nn.MultiheadAttention`` with a packed projection: its heads are elastic (the fused rows are its "out" port).
+MULTIHEAD_ATTENTION = register_op(ElasticOp(
+    "MultiheadAttention", (nn.MultiheadAttention,), "heads",
+    {"out": Port((("in_proj_weight", 0), ("in_proj_bias", 0)), "active_out_features", lambda m: 3 * m.embed_dim,
+                 blocks="out_blocks")},
+    ElasticMultiheadAttention, accepts=_supported_mha, channel_dim=-1,
+))

@@ -78,11 +78,11 @@ class ElasticMixin:
         """``t`` (the tensor called ``name`` of this module) sliced to the active widths of every port."""
         if t is None:
             return None
-        for port, targets in self._ports.items():
-            for tensor_name, dim in targets:
-                if tensor_name == name:
-                    k, blocks = self._port_width(port)
-                    t = slice_dim(t, dim, k, blocks)
+        for dim, attr, blocks_attr in _slices(type(self)).get(name, ()):
+            k = getattr(self, attr)
+            if k is not None:
+                blocks = getattr(self, blocks_attr, 1) if blocks_attr else 1
+                t = slice_dim(t, dim, k, blocks or 1)
         return t
 
     def export_(self) -> dict[str, Any]:
@@ -102,3 +102,23 @@ class ElasticMixin:
             else:
                 self._buffers[name] = new
         return {}
+
+
+_SLICES: dict[type, tuple[object, dict[str, list[tuple[int, str, str | None]]]]] = {}
+
+
+def _slices(cls: type) -> dict[str, list[tuple[int, str, str | None]]]:
+    """tensor name -> ``(dim, active attribute, blocks attribute)`` over every port of ``cls`` (each pair once:
+    two ports may slice the same tensor with the same attribute). Cached until the ports are re-declared."""
+    ports = cls._ports
+    cached = _SLICES.get(cls)
+    if cached is not None and cached[0] is ports:
+        return cached[1]
+    table: dict[str, list[tuple[int, str, str | None]]] = {}
+    for port, targets in ports.items():
+        for tensor_name, dim in targets:
+            entry = (dim, cls._port_attrs[port], cls._port_blocks.get(port))
+            if entry not in table.setdefault(tensor_name, []):
+                table[tensor_name].append(entry)
+    _SLICES[cls] = (ports, table)
+    return table

@@ -1,4 +1,8 @@
-"""Elastic ``nn.Conv2d`` (dense and depthwise): convolution with ``weight[:out, :in]`` views.
+"""Elastic ``nn.Conv2d``: dense (``groups == 1``), depthwise and grouped, on ``weight[:out, :in]`` views.
+
+A dense convolution maps input channels to output channels (a ``transform``). A depthwise or grouped one whose
+input and output channels are equal keeps channels within groups (``channelwise``): it shrinks in whole groups,
+so the active channels are a multiple of the channels per group and the active group count follows.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -12,13 +16,16 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lightning_supernet.elastic.base import ElasticMixin
+from lightning_supernet.ops import ElasticOp, Port, register_op, same_forward
 
-__all__ = ["ElasticConv2d", "is_depthwise"]
+__all__ = ["CONV2D", "GROUPED_CONV2D", "ElasticConv2d", "is_depthwise", "is_grouped"]
 
 
-def is_depthwise(conv: torch.nn.Conv2d) -> bool:
+def is_depthwise(conv: nn.Conv2d) -> bool:
     """A depthwise conv (``groups == in == out``) is channel-wise: one width for its input and output.
 
     Example:
@@ -28,12 +35,23 @@ def is_depthwise(conv: torch.nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
+def is_grouped(conv: nn.Conv2d) -> bool:
+    """A grouped conv with as many output as input channels (depthwise included): channel-wise, by groups.
+
+    Example:
+        >>> is_grouped(torch.nn.Conv2d(8, 8, 3, groups=2)), is_grouped(torch.nn.Conv2d(8, 16, 3, groups=2))
+        (True, False)
+    """
+    return conv.groups > 1 and conv.in_channels == conv.out_channels
+
+
 class ElasticConv2d(ElasticMixin):
-    """Mixin for ``nn.Conv2d`` with ``groups == 1`` or depthwise.
+    """Mixin for ``nn.Conv2d`` (dense, depthwise or grouped with ``in == out``).
 
     Attributes:
-        active_in_channels: input channels used (``None``: all). Unused for depthwise convs.
-        active_out_channels: output channels used (``None``: all); for a depthwise conv also the groups.
+        active_in_channels: input channels used (``None``: all). Unused for grouped convs.
+        active_out_channels: output channels used (``None``: all); for a grouped conv also the input channels,
+            a multiple of the channels per group.
 
     Example:
         >>> import torch.nn as nn
@@ -44,31 +62,45 @@ class ElasticConv2d(ElasticMixin):
     """
 
     _elastic_attrs = ("active_in_channels", "active_out_channels")
-    _ports = {"out": (("weight", 0), ("bias", 0)), "in": (("weight", 1),)}
-    _port_attrs = {"out": "active_out_channels", "in": "active_in_channels"}
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Conv2d's name
         weight = self.active_tensor("weight", self.weight)
         bias = self.active_tensor("bias", self.bias)
-        if is_depthwise(self) and self.active_out_channels is not None:
-            return self._conv_forward_groups(input, weight, bias, self.active_out_channels)
+        if self.groups > 1 and self.active_out_channels is not None:
+            groups = self.active_out_channels // (self.in_channels // self.groups)
+            if self.padding_mode != "zeros":
+                input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+                return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, groups)
+            return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, groups)
         return self._conv_forward(input, weight, bias)
 
-    def _conv_forward_groups(self, input, weight, bias, groups):  # noqa: A002
-        import torch.nn.functional as F
-
-        if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, groups)
-        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, groups)
-
     def export_(self) -> dict[str, int]:
-        depthwise = is_depthwise(self)
-        if depthwise:
+        grouped = self.groups > 1
+        per_group = self.in_channels // self.groups
+        if grouped:
             self.active_in_channels = None
         super().export_()
         self.out_channels = self.weight.shape[0]
-        self.in_channels = self.out_channels if depthwise else self.weight.shape[1] * self.groups
-        if depthwise:
-            self.groups = self.out_channels
+        if grouped:
+            self.in_channels = self.out_channels
+            self.groups = self.out_channels // per_group
+        else:
+            self.in_channels = self.weight.shape[1]
         return {"in_channels": self.in_channels, "out_channels": self.out_channels}
+
+
+_OUT = Port((("weight", 0), ("bias", 0)), "active_out_channels", "out_channels")
+
+#: dense convolutions: a width on the output channels and one on the input channels.
+CONV2D = register_op(ElasticOp(
+    "Conv2d", (nn.Conv2d,), "transform",
+    {"out": _OUT, "in": Port((("weight", 1),), "active_in_channels", "in_channels")},
+    ElasticConv2d, accepts=lambda m: same_forward(m, nn.Conv2d) and m.groups == 1, channel_dim=1,
+))
+
+#: depthwise and grouped convolutions with ``in == out``: channel-wise, shrinking in whole groups.
+GROUPED_CONV2D = register_op(ElasticOp(
+    "GroupedConv2d", (nn.Conv2d,), "channelwise",
+    {"ch": Port(_OUT.tensors, _OUT.active, _OUT.size, multiple=lambda m: m.in_channels // m.groups)},
+    ElasticConv2d, accepts=lambda m: same_forward(m, nn.Conv2d) and is_grouped(m), channel_dim=1,
+))

@@ -14,9 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lightning_supernet.elastic.base import ElasticMixin
+from torch import nn
 
-__all__ = ["ElasticLinear"]
+from lightning_supernet.elastic.base import ElasticMixin
+from lightning_supernet.ops import ElasticOp, Port, register_op, same_forward
+
+__all__ = ["LINEAR", "ElasticLinear"]
 
 
 class ElasticLinear(ElasticMixin):
@@ -38,9 +41,6 @@ class ElasticLinear(ElasticMixin):
     """
 
     _elastic_attrs = ("active_in_features", "active_out_features", "out_blocks")
-    _ports = {"out": (("weight", 0), ("bias", 0)), "in": (("weight", 1),)}
-    _port_attrs = {"out": "active_out_features", "in": "active_in_features"}
-    _port_blocks = {"out": "out_blocks"}
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
         weight = self.active_tensor("weight", self.weight)
@@ -51,3 +51,12 @@ class ElasticLinear(ElasticMixin):
         super().export_()
         self.out_features, self.in_features = self.weight.shape
         return {"in_features": self.in_features, "out_features": self.out_features}
+
+
+#: ``nn.Linear`` and subclasses that keep its ``forward`` (e.g. ``NonDynamicallyQuantizableLinear``).
+LINEAR = register_op(ElasticOp(
+    "Linear", (nn.Linear,), "transform",
+    {"out": Port((("weight", 0), ("bias", 0)), "active_out_features", "out_features", blocks="out_blocks"),
+     "in": Port((("weight", 1),), "active_in_features", "in_features")},
+    ElasticLinear, accepts=lambda m: same_forward(m, nn.Linear), channel_dim=-1,
+))

@@ -42,11 +42,12 @@ def _decode(text: str) -> type:
     return obj
 
 
-def elastic_class(mixin: type, base: type) -> type:
-    """Return the (cached) class ``mixin + base`` used for an elastic module.
+def elastic_class(mixin: type | tuple[type, ...], base: type) -> type:
+    """Return the (cached) class ``mixins + base`` used for an elastic module.
 
     Args:
-        mixin: an elastic mixin such as :class:`~lightning_supernet.elastic.linear.ElasticLinear`.
+        mixin: an elastic mixin such as :class:`~lightning_supernet.elastic.linear.ElasticLinear`, or several
+            (outermost first: a skippable block that is also a fast-path guard).
         base: the module's original class.
 
     Example:
@@ -54,32 +55,40 @@ def elastic_class(mixin: type, base: type) -> type:
         >>> elastic_class(ElasticLinear, nn.Linear).__name__
         'ElasticLinear(torch/nn/modules/linear:Linear)'
     """
-    key = (mixin, base)
+    mixins = mixin if isinstance(mixin, tuple) else (mixin,)
+    key = (mixins, base)
     if key not in _CLASSES:
-        _MIXINS[mixin.__name__] = mixin
-        name = f"{mixin.__name__}({_encode(base)})"
-        cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name, "_original_class": base})
+        for m in mixins:
+            _MIXINS[m.__name__] = m
+        name = f"{'+'.join(m.__name__ for m in mixins)}({_encode(base)})"
+        cls = type(name, (*mixins, base), {"__module__": __name__, "__qualname__": name, "_original_class": base,
+                                           "_mixins": mixins})
         _CLASSES[key] = cls
     return _CLASSES[key]
 
 
 def __getattr__(name: str) -> type:  # PEP 562: lets pickle find generated classes by name
     if "(" in name and name.endswith(")"):
-        mixin_name, base = name[:-1].split("(", 1)
-        if mixin_name not in _MIXINS:  # a fresh process (spawn, torch.load): register the built-in mixins
+        mixin_names, base = name[:-1].split("(", 1)
+        names = mixin_names.split("+")
+        if any(n not in _MIXINS for n in names):  # a fresh process (spawn, torch.load): register the built-in mixins
             elastic = importlib.import_module("lightning_supernet.elastic")
             for attr in elastic.__all__:
                 obj = getattr(elastic, attr)
                 if isinstance(obj, type) and hasattr(obj, "init_elastic"):
                     _MIXINS.setdefault(obj.__name__, obj)
-        if mixin_name not in _MIXINS:
-            raise AttributeError(f"unknown elastic mixin {mixin_name!r} (defined in a module not imported here?)")
-        return elastic_class(_MIXINS[mixin_name], _decode(base))
+        missing = [n for n in names if n not in _MIXINS]
+        if missing:
+            raise AttributeError(f"unknown elastic mixin {missing[0]!r} (defined in a module not imported here?)")
+        return elastic_class(tuple(_MIXINS[n] for n in names), _decode(base))
     raise AttributeError(name)
 
 
 def make_elastic(module: nn.Module, mixin: type, **state: Any) -> None:
-    """Swap ``module``'s class for its elastic form and initialise the mixin's state (full widths).
+    """Put the elastic ``mixin`` in front of ``module``'s class and initialise its state (full widths).
+
+    A module that is elastic already keeps its mixins and gains this one (outermost); a mixin it has is not added
+    twice.
 
     Args:
         module: the module to change in place.
@@ -91,9 +100,15 @@ def make_elastic(module: nn.Module, mixin: type, **state: Any) -> None:
         >>> m = nn.Linear(2, 2); make_elastic(m, ElasticLinear); m.active_out_features is None
         True
     """
-    if not is_elastic(module):
-        module.__class__ = elastic_class(mixin, type(module))
-        module.init_elastic()
+    mixins = type(module).__dict__.get("_mixins", ())
+    if mixin not in mixins:
+        module.__class__ = elastic_class((mixin, *mixins), original_class(module))
+        init = mixin.__dict__.get("init_elastic")
+        if init is not None:
+            init(module)
+        for key in mixin.__dict__.get("_elastic_attrs", ()):
+            if key not in module.__dict__:
+                setattr(module, key, None)  # every elastic attribute starts at None: the full module
     for key, value in state.items():
         setattr(module, key, value)
 
@@ -128,6 +143,7 @@ def restore(module: nn.Module) -> None:
     """
     if not is_elastic(module):
         return
-    for key in getattr(module, "_elastic_attrs", ()):
-        module.__dict__.pop(key, None)
+    for mixin in type(module).__dict__["_mixins"]:
+        for key in mixin.__dict__.get("_elastic_attrs", ()):
+            module.__dict__.pop(key, None)
     module.__class__ = original_class(module)

@@ -187,7 +187,7 @@ def _meta_build(cls: type, config: Any) -> nn.Module:
 
 
 def _layer_shape(small_layer: nn.Module, orig_layer: nn.Module, intermediate: Any) -> dict[str, int]:
-    from lightning_supernet.elastic.attention import find_head_spec
+    from lightning_supernet.ir.heads import find_head_spec
 
     shape: dict[str, int] = {}
     for name, lin in orig_layer.named_modules():

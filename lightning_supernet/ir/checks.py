@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from lightning_supernet.errors import DiscoveryError, SearchSpaceError
+from lightning_supernet.ops import op_for
 
 if TYPE_CHECKING:
     from lightning_supernet.ir.discover import Discovery
@@ -57,19 +58,19 @@ def check_discovery(model: nn.Module, graph: ModuleGraph, found: Discovery) -> N
     """
     mods = dict(model.named_modules())
     for w in found.widths:
-        for p in w.producers:
-            size = getattr(mods[p], "out_features", None) or getattr(mods[p], "out_channels", None)
-            if size != w.size:
-                raise DiscoveryError(f"width group `{w.name}`: `{p}` produces {size}, the group has {w.size}")
-        for p in w.consumers:
-            size = getattr(mods[p], "in_features", None) or getattr(mods[p], "in_channels", None)
-            if size != w.size:
-                raise DiscoveryError(f"width group `{w.name}`: `{p}` consumes {size}, the group has {w.size}")
+        for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
+            for p in ports:
+                op = op_for(mods[p])
+                size = op.port_size(mods[p], port) if op is not None and port in op.ports else None
+                if size != w.size:
+                    raise DiscoveryError(f"width group `{w.name}`: `{p}` has {size} on its {port} port, the group "
+                                         f"has {w.size}")
     for h in found.heads:
         anchor, spec = mods[h.path], h.spec
         o = anchor.get_submodule(spec.o)
-        if o.in_features != spec.num_heads * spec.head_dim:
-            raise DiscoveryError(f"head group `{h.name}`: `{spec.o}` takes {o.in_features} inputs, expected "
+        size = op_for(o).port_size(o, "in")
+        if size != spec.num_heads * spec.head_dim:
+            raise DiscoveryError(f"head group `{h.name}`: `{spec.o}` takes {size} inputs, expected "
                                  f"{spec.num_heads} heads x {spec.head_dim}")
     for b in found.blocks:
         call = graph.calls[graph.modules[b.path].calls[0]]

@@ -8,7 +8,7 @@ No model-specific code: everything comes from the IR (:mod:`lightning_supernet.i
   (BatchNorm, depthwise conv, LayerNorm) reached together form one group and shrink together. A group that
   touches anything else (a reshape, a concat, a per-channel parameter, a residual stream that reaches the
   model's input, the model's output) is frozen, with the reason kept.
-* **Heads** through the head adapters (:mod:`lightning_supernet.elastic.attention`).
+* **Heads** through the head adapters (:mod:`lightning_supernet.ir.heads`).
 * **Skippable blocks** (module-wise pruning by edge contraction): members of a ``ModuleList``/``Sequential``
   called once, whose output has the input's shape, with an identity path from output back to input (a residual
   connection), and whose inner results are used nowhere outside the block.
@@ -24,15 +24,16 @@ Example:
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
-from lightning_supernet.elastic.attention import HeadSpec, find_head_spec, looks_like_attention
-from lightning_supernet.elastic.conv import is_depthwise
 from lightning_supernet.ir.graph import Call, ModuleGraph, seq_nr
+from lightning_supernet.ir.heads import HeadSpec, find_head_specs, looks_like_attention
+from lightning_supernet.ops import op_for
 
 __all__ = ["Discovery", "HeadGroup", "SkipBlock", "WidthGroup", "discover", "module_kind"]
 
@@ -50,26 +51,16 @@ def _is_elementwise(node: Any) -> bool:
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """``"linear"``/``"conv"`` (producer and consumer), ``"channelwise"`` (BN, LN, depthwise), else ``None``.
-
-    Only modules whose ``forward`` is torch's own are sliceable; a subclass with its own ``forward`` is opaque.
+    """The role of the registered elastic op covering ``module`` (:mod:`lightning_supernet.ops`): ``"transform"``
+    (produces and consumes a width: Linear, Conv2d), ``"channelwise"`` (BatchNorm, LayerNorm, depthwise/grouped
+    conv) or ``"heads"``; ``None`` for a module no op slices (a subclass with its own ``forward`` is opaque).
 
     Example:
         >>> module_kind(nn.Linear(2, 2)), module_kind(nn.BatchNorm2d(3)), module_kind(nn.Embedding(3, 2))
-        ('linear', 'channelwise', None)
+        ('transform', 'channelwise', None)
     """
-    fwd = type(module).forward
-    if isinstance(module, nn.Linear) and fwd is nn.Linear.forward:
-        return "linear"
-    if isinstance(module, nn.Conv2d) and fwd is nn.Conv2d.forward:
-        if is_depthwise(module):
-            return "channelwise"
-        return "conv" if module.groups == 1 else None
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and fwd in (nn.BatchNorm1d.forward, nn.BatchNorm2d.forward):
-        return "channelwise"
-    if isinstance(module, nn.LayerNorm) and fwd is nn.LayerNorm.forward and len(module.normalized_shape) == 1:
-        return "channelwise"
-    return None
+    op = op_for(module)
+    return None if op is None else op.role
 
 
 @dataclass(frozen=True)
@@ -83,6 +74,7 @@ class WidthGroup:
         consumers: modules whose input features/channels are in the group.
         channelwise: BatchNorm/LayerNorm/depthwise modules sliced along the group.
         block: the enclosing skippable block, if any (a skipped block makes the width irrelevant).
+        multiple: every active width is a multiple of this (a grouped convolution shrinks in whole groups).
 
     Example:
         >>> WidthGroup("fc1.width", 64, ("fc1",), ("fc2",), ()).members
@@ -95,6 +87,7 @@ class WidthGroup:
     consumers: tuple[str, ...]
     channelwise: tuple[str, ...]
     block: str | None = None
+    multiple: int = 1
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -106,6 +99,10 @@ class WidthGroup:
 class HeadGroup:
     """The heads of one attention module.
 
+    Attributes:
+        spec: the layout in use; candidates: the other layouts the adapter proposed, tried in order when
+            verification rejects the current one.
+
     Example:
         >>> HeadGroup("attn.heads", "attn", HeadSpec(4, 4, 8, o="proj", qkv="qkv")).spec.num_heads
         4
@@ -115,6 +112,11 @@ class HeadGroup:
     path: str
     spec: HeadSpec
     block: str | None = None
+    candidates: tuple[HeadSpec, ...] = ()
+
+    def next_candidate(self) -> HeadGroup:
+        """This group with its next candidate layout (after the current one failed verification)."""
+        return replace(self, spec=self.candidates[0], candidates=self.candidates[1:])
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,18 @@ class Discovery:
     frozen: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
     order: dict[str, int] = field(default_factory=dict)
+
+    def retry(self, names: set[str]) -> Discovery:
+        """A copy where the head groups ``names`` move on to their next candidate layout.
+
+        Example:
+            >>> spec = HeadSpec(2, 2, 4, o="proj", qkv="qkv")
+            >>> d = Discovery(heads=[HeadGroup("a.heads", "a", spec, candidates=(replace(spec, layout="head"),))])
+            >>> d.retry({"a.heads"}).heads[0].spec.layout
+            'head'
+        """
+        heads = [h.next_candidate() if h.name in names and h.candidates else h for h in self.heads]
+        return replace(self, heads=heads)
 
     def without(self, reasons: dict[str, str]) -> Discovery:
         """A copy with the dims named in ``reasons`` left fixed (moved to :attr:`frozen` with their reason).
@@ -263,7 +277,7 @@ class _Walker:
                 call = self.owner(parent)
                 if call is not None and call.path != origin:
                     kind = self.kinds.get(call.path)
-                    if kind in ("linear", "conv"):
+                    if kind == "transform":
                         ports.add((call.path, "in"))
                     elif kind == "channelwise":
                         ports.add((call.path, "ch"))
@@ -278,13 +292,11 @@ class _Walker:
 
 
 def _port_size(mod: nn.Module, port: str) -> int:
-    if isinstance(mod, nn.Linear):
-        return mod.out_features if port == "out" else mod.in_features
-    if isinstance(mod, nn.Conv2d):
-        return mod.out_channels if port in ("out", "ch") else mod.in_channels
-    if isinstance(mod, nn.LayerNorm):
-        return mod.normalized_shape[0]
-    return mod.num_features
+    return op_for(mod).port_size(mod, port)
+
+
+def _port_multiple(mod: nn.Module, port: str) -> int:
+    return op_for(mod).port_multiple(mod, port)
 
 
 def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Discovery:
@@ -307,7 +319,7 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
     groups = _Groups()
     for call in graph.calls:
         kind = walker.kinds.get(call.path)
-        if kind is None or not call.out_nodes:
+        if kind not in ("transform", "channelwise") or not call.out_nodes:
             continue
         out_port = (call.path, "ch" if kind == "channelwise" else "out")
         in_port = (call.path, "ch" if kind == "channelwise" else "in")
@@ -322,7 +334,7 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
                 groups.freeze(port, f"`{call.path}` {why}")
     found.blocks, found.stacks = _skippable_blocks(model, graph, walker)
     _head_groups(model, graph, found)
-    claimed = {f"{h.path}.{p}".strip(".") for h in found.heads for p in _spec_paths(h.spec)}
+    claimed = {_join(h.path, p) for h in found.heads for p in h.spec.paths}
     members: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for port in list(groups.parent):
         members.setdefault(groups.find(port), []).append(port)
@@ -348,13 +360,19 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
         if why:
             found.frozen[label] = why
             continue
-        found.widths.append(WidthGroup(f"{producers[0]}.width", sizes.pop(), producers, consumers, channel, block))
-    found.heads = [HeadGroup(h.name, h.path, h.spec, _enclosing_block(found.blocks, (h.path,))) for h in found.heads]
+        multiple = math.lcm(*(_port_multiple(walker.mods[p], k) for p, k in ports))
+        size = sizes.pop()
+        if size % multiple:
+            found.frozen[label] = f"its width {size} is not a multiple of its groups' size {multiple}"
+            continue
+        found.widths.append(WidthGroup(f"{producers[0]}.width", size, producers, consumers, channel, block,
+                                       multiple))
+    found.heads = [replace(h, block=_enclosing_block(found.blocks, (h.path,))) for h in found.heads]
     return found
 
 
-def _spec_paths(spec: HeadSpec) -> list[str]:
-    return [p for p in (spec.q, spec.k, spec.v, spec.qkv, spec.o) if p]
+def _join(path: str, rel: str) -> str:
+    return f"{path}.{rel}" if path and rel else path or rel
 
 
 def _enclosing_block(blocks: list[SkipBlock], paths: tuple[str, ...]) -> str | None:
@@ -372,20 +390,17 @@ def _head_groups(model: nn.Module, graph: ModuleGraph, found: Discovery) -> None
     for path, node in graph.modules.items():
         if not node.calls:
             continue
-        spec = find_head_spec(mods[path])
-        if spec is None:
+        specs = find_head_specs(mods[path])
+        if not specs:
             continue
-        paths = [f"{path}.{p}".strip(".") for p in _spec_paths(spec)]
-        if not all(module_kind(mods[p]) == "linear" for p in paths):
-            found.frozen[f"{path}.heads"] = "a q/k/v/output projection is not a plain nn.Linear"
-            continue
-        claimed.update(paths)
-        found.heads.append(HeadGroup(f"{path}.heads", path, spec))
+        claimed.update(_join(path, p) for p in specs[0].paths)
+        found.heads.append(HeadGroup(f"{path}.heads" if path else "heads", path, specs[0],
+                                     candidates=tuple(specs[1:])))
     for path, node in graph.modules.items():
         mod = mods[path]
         if node.calls and looks_like_attention(mod):
-            linears = [f"{path}.{n}".strip(".") for n, c in mod.named_children() if isinstance(c, nn.Linear)]
-            if not any(p in claimed for p in linears):
+            children = [_join(path, n) for n, _ in mod.named_children()]
+            if not any(p in claimed for p in children):
                 found.unsupported[path] = type(mod).__name__
 
 
@@ -401,7 +416,7 @@ def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Walker) -> 
             if node is None or len(node.calls) != 1:
                 continue
             call = graph.calls[node.calls[0]]
-            weighted = any(walker.kinds.get(p) in ("linear", "conv") for p in graph.modules if p.startswith(child + "."))
+            weighted = any(walker.kinds.get(p) == "transform" for p in graph.modules if p.startswith(child + "."))
             if weighted and _is_residual(call, graph, walker):
                 blocks.append(SkipBlock(child, path, index, call.out_len))
     # keep the finest granularity: a block that holds skippable blocks (a whole stage) is not one itself
@@ -427,7 +442,7 @@ def _is_residual(call: Call, graph: ModuleGraph, walker: _Walker) -> bool:
             continue
         seen.add(node)
         owner = walker.owner(node)
-        if owner is not None and walker.kinds.get(owner.path) in ("linear", "conv"):
+        if owner is not None and walker.kinds.get(owner.path) == "transform":
             continue
         for child, _ in node.next_functions:
             if child is source:

@@ -115,6 +115,8 @@ class ModuleGraph:
         self.output_nodes = {n for n in outputs if n is not None}
         self.input_nodes = {n for n in inputs if n is not None}
         self.parents: dict[Any, list[Any]] = {}
+        #: ``id`` of every parameter (and tracked input) the traced forward read, wherever it was read
+        self.used_params: set[int] = set()
         # leaf modules that own parameters; parameter-free leaves (ReLU, Dropout) are transparent ops
         self._leaf_calls = sorted(
             (c for c in calls if modules[c.path].is_leaf and modules[c.path].params), key=lambda c: c.start
@@ -126,6 +128,9 @@ class ModuleGraph:
         stack, seen = list(self.output_nodes), set(self.output_nodes)
         while stack:
             node = stack.pop()
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                self.used_params.add(id(variable))
             for child, _ in getattr(node, "next_functions", ()):
                 if child is None:
                     continue

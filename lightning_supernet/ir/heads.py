@@ -1,0 +1,280 @@
+"""Head adapters: how an attention implementation lays out its heads, so heads can be sliced.
+
+This is the IR side (recognition only; slicing lives in :mod:`lightning_supernet.elastic.attention`). Head counts
+are baked into ``reshape`` calls, so the autograd graph alone cannot say which rows of a projection make a head.
+An adapter recognises an attention module by its structure (projections, a head-count attribute) and proposes
+:class:`HeadSpec` candidates; nothing is trusted by name: the supernet verifies each candidate numerically
+(slicing the first ``h`` heads must compute what removing the other heads computes, see
+:mod:`lightning_supernet.verify`) and takes the first that passes, or leaves the heads fixed.
+
+Candidates vary in what the names cannot tell: a fused projection laid out ``[3][heads][head_dim]`` (timm, SAM,
+``nn.MultiheadAttention``) or head-major ``[heads][3][head_dim]`` (GPT-NeoX, BLOOM, Falcon), and whether integer
+attributes equal to ``heads * head_dim`` (timm's ``attn_dim``, GPT-2's ``split_size``, BERT's ``all_head_size``)
+follow the active heads.
+
+Built in: fused ``qkv``/``c_attn``/``query_key_value``/``Wqkv`` projections with a head-count attribute;
+separate ``q_proj/k_proj/v_proj`` (or ``q/k/v``, ``query/key/value``, ``q_lin/k_lin/v_lin``) with grouped-query
+attention; Hugging Face's split ``self.{query,key,value}`` + ``output.dense`` (BERT, RoBERTa, ViT); PyTorch's
+``nn.MultiheadAttention`` (packed ``in_proj_weight``). Projections are any layer with a registered elastic op
+(``nn.Linear``, GPT-2's ``Conv1D``...). Register more with :func:`register_head_adapter`.
+
+Example:
+    >>> import torch.nn as nn
+    >>> class Attn(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__(); self.num_heads = 2; self.qkv = nn.Linear(8, 24); self.proj = nn.Linear(8, 8)
+    >>> spec = find_head_spec(Attn())
+    >>> spec.num_heads, spec.head_dim, spec.qkv, spec.o, spec.layout
+    (2, 4, 'qkv', 'proj', 'qkv')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+from lightning_supernet.ops import op_for
+
+__all__ = ["HEAD_ATTRS", "HeadSpec", "find_head_spec", "find_head_specs", "looks_like_attention",
+           "register_head_adapter"]
+
+#: attribute names that hold a head count; a module with one and no adapter is reported as unsupported.
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "num_attention_heads_per_partition")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "num_key_value_groups_never")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Where the heads of one attention module live (paths relative to the module; ``""`` is the module itself).
+
+    Attributes:
+        num_heads: query heads of the full model.
+        num_kv_heads: key/value heads (``< num_heads`` with grouped-query attention).
+        head_dim: features per head (never elastic).
+        q, k, v: separate projections, or ``qkv``: one fused projection.
+        o: the output projection (its input columns are ``[heads][head_dim]``).
+        layout: of a fused projection's rows: ``"qkv"`` (``[3][heads][head_dim]``) or ``"head"``
+            (``[heads][3][head_dim]``).
+        head_attrs: ``(relative module path, attribute)`` pairs set to the active query-head count.
+        size_attrs: ``(path, attribute)`` pairs set to ``heads * head_dim``.
+        kv_attrs: ``(path, attribute)`` pairs set to the active key/value-head count.
+
+    Example:
+        >>> HeadSpec(num_heads=4, num_kv_heads=2, head_dim=8, q="q", k="k", v="v", o="o").kv_group
+        2
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    o: str
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    layout: str = "qkv"
+    head_attrs: tuple[tuple[str, str], ...] = ()
+    size_attrs: tuple[tuple[str, str], ...] = ()
+    kv_attrs: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head; the active head count must be a multiple of it."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The projections' paths (``""`` for a module that is its own fused projection)."""
+        return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o) if p is not None)
+
+
+Adapter = Callable[[nn.Module], "HeadSpec | list[HeadSpec] | None"]
+_ADAPTERS: list[Adapter] = []
+
+
+def register_head_adapter(adapter: Adapter) -> Adapter:
+    """Register ``adapter(module) -> HeadSpec | list[HeadSpec] | None``; adapters registered later are tried first.
+
+    A list gives candidates in order of preference; each is verified numerically before it is used.
+
+    Args:
+        adapter: returns a :class:`HeadSpec` (or candidates) for modules it recognises, else ``None``.
+
+    Example:
+        >>> @register_head_adapter
+        ... def my_attention(module):
+        ...     return None  # recognise nothing
+        >>> _ADAPTERS.remove(my_attention)
+    """
+    _ADAPTERS.insert(0, adapter)
+    return adapter
+
+
+def find_head_specs(module: nn.Module) -> list[HeadSpec]:
+    """Every candidate layout of the first adapter that recognises ``module`` (see the module docstring).
+
+    Example:
+        >>> mha = nn.MultiheadAttention(8, 2)
+        >>> [(s.qkv, s.o, s.layout) for s in find_head_specs(mha)][:1]
+        [('', 'out_proj', 'qkv')]
+    """
+    for adapter in _ADAPTERS:
+        found = adapter(module)
+        if found:
+            specs = found if isinstance(found, list) else [found]
+            out: list[HeadSpec] = []
+            for spec in specs:
+                for variant in _variants(module, spec):
+                    if variant not in out:
+                        out.append(variant)
+            return out
+    return []
+
+
+def find_head_spec(module: nn.Module) -> HeadSpec | None:
+    """The first candidate of :func:`find_head_specs`, or ``None``.
+
+    Example:
+        >>> find_head_spec(nn.Linear(2, 2)) is None
+        True
+    """
+    specs = find_head_specs(module)
+    return specs[0] if specs else None
+
+
+def looks_like_attention(module: nn.Module) -> bool:
+    """A module with an integer head-count attribute and a projection child: attention that needs an adapter.
+
+    Example:
+        >>> looks_like_attention(nn.Linear(2, 2))
+        False
+    """
+    has_heads = _int_attr(module, HEAD_ATTRS) is not None
+    return has_heads and any(_proj(module, n) is not None for n, _ in module.named_children())
+
+
+def _variants(module: nn.Module, spec: HeadSpec) -> list[HeadSpec]:
+    """Layouts a fused projection may have, each with and without the size attributes that equal heads x dim."""
+    if spec.qkv == "":
+        return [spec]  # the module is its own fused projection (nn.MultiheadAttention): its op knows the layout
+    width = spec.num_heads * spec.head_dim
+    named = {a for _, a in spec.head_attrs + spec.kv_attrs}
+    extra = tuple(("", a) for a, v in vars(module).items()
+                  if isinstance(v, int) and not isinstance(v, bool) and v == width and not a.startswith("_")
+                  and a not in named and ("", a) not in spec.size_attrs)
+    sizes = [spec.size_attrs + extra, spec.size_attrs]
+    if len(extra) > 1:
+        sizes += [spec.size_attrs + (e,) for e in extra]
+    sizes = list(dict.fromkeys(sizes))
+    layouts = [spec.layout, "head" if spec.layout == "qkv" else "qkv"] if spec.qkv is not None else [spec.layout]
+    return [replace(spec, layout=layout, size_attrs=size) for layout in layouts for size in sizes]
+
+
+def _proj(module: nn.Module, name: str, port: str = "out") -> nn.Module | None:
+    """The child ``name`` if a registered op can slice its ``port`` (``""``: the module itself)."""
+    child = module if name == "" else getattr(module, name, None)
+    if not isinstance(child, nn.Module):
+        return None
+    op = op_for(child)
+    return child if op is not None and port in op.ports and op.role != "channelwise" else None
+
+
+def _out(module: nn.Module, name: str) -> int:
+    child = module if name == "" else getattr(module, name)
+    return op_for(child).port_size(child, "out")
+
+
+def _in(module: nn.Module, name: str) -> int:
+    child = getattr(module, name)
+    return op_for(child).port_size(child, "in")
+
+
+def _int_attr(module: nn.Module, names: tuple[str, ...]) -> tuple[str, int] | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
+    return None
+
+
+def _first(module: nn.Module, names: tuple[str, ...], port: str = "out") -> str | None:
+    return next((n for n in names if _proj(module, n, port) is not None), None)
+
+
+_O_NAMES = ("proj", "out_proj", "o_proj", "c_proj", "dense", "out_lin", "wo", "o", "out", "attn_out", "Wo")
+
+
+@register_head_adapter
+def _fused_qkv(module: nn.Module) -> HeadSpec | None:
+    qkv = _first(module, ("qkv", "c_attn", "query_key_value", "Wqkv", "qkv_proj", "in_proj", "to_qkv"))
+    heads = _int_attr(module, HEAD_ATTRS)
+    o_name = _first(module, _O_NAMES, "in")
+    if qkv is None or heads is None or o_name is None or _out(module, qkv) % (3 * heads[1]):
+        return None
+    head_dim = _out(module, qkv) // 3 // heads[1]
+    if _in(module, o_name) != heads[1] * head_dim:
+        return None
+    return HeadSpec(heads[1], heads[1], head_dim, o=o_name, qkv=qkv, head_attrs=(("", heads[0]),))
+
+
+@register_head_adapter
+def _separate_qkv(module: nn.Module) -> HeadSpec | None:
+    for names in (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"), ("query", "key", "value"),
+                  ("q_lin", "k_lin", "v_lin"), ("to_q", "to_k", "to_v")):
+        if all(_proj(module, n) is not None for n in names):
+            break
+    else:
+        return None
+    o_name = _first(module, _O_NAMES, "in")
+    if o_name is None:
+        return None
+    config = getattr(module, "config", None)
+    num_heads = getattr(config, "num_attention_heads", None)
+    found = _int_attr(module, HEAD_ATTRS)
+    if found is not None:
+        num_heads = found[1]
+    head_dim = getattr(module, "head_dim", None)
+    q_out, k_out, v_out = (_out(module, n) for n in names)
+    if not isinstance(head_dim, int) and num_heads:
+        head_dim = q_out // num_heads
+    if not isinstance(head_dim, int) or not head_dim or q_out % head_dim or k_out % head_dim:
+        return None
+    num_heads, num_kv = q_out // head_dim, k_out // head_dim
+    if v_out != k_out or num_heads % num_kv or _in(module, o_name) != q_out:
+        return None
+    kv = _int_attr(module, _KV_ATTRS)
+    return HeadSpec(num_heads, num_kv, head_dim, o=o_name, q=names[0], k=names[1], v=names[2],
+                    head_attrs=((("", found[0]),) if found else ()), kv_attrs=((("", kv[0]),) if kv else ()))
+
+
+@register_head_adapter
+def _hf_self_output(module: nn.Module) -> HeadSpec | None:
+    inner = out = None
+    inner_name = out_name = ""
+    for name, child in module.named_children():
+        if all(_proj(child, n) is not None for n in ("query", "key", "value")):
+            inner, inner_name = child, name
+        elif _proj(child, "dense", "in") is not None:
+            out, out_name = child, name
+    if inner is None or out is None:
+        return None
+    heads = _int_attr(inner, HEAD_ATTRS)
+    if heads is None:
+        return None
+    head_dim = _out(inner, "query") // heads[1]
+    if _out(inner, "key") != heads[1] * head_dim or _in(out, "dense") != heads[1] * head_dim:
+        return None
+    size = (((inner_name, "all_head_size"),) if isinstance(getattr(inner, "all_head_size", None), int) else ())
+    return HeadSpec(heads[1], heads[1], head_dim, o=f"{out_name}.dense", q=f"{inner_name}.query",
+                    k=f"{inner_name}.key", v=f"{inner_name}.value", head_attrs=((inner_name, heads[0]),),
+                    size_attrs=size)
+
+
+@register_head_adapter
+def _torch_multihead_attention(module: nn.Module) -> HeadSpec | None:
+    if not isinstance(module, nn.MultiheadAttention) or op_for(module) is None:
+        return None
+    heads, dim = module.num_heads, module.embed_dim
+    return HeadSpec(heads, heads, dim // heads, o="out_proj", qkv="", head_attrs=(("", "num_heads"),))
