@@ -110,13 +110,13 @@ class _WidthSetter:
 
 
 class _KeepSetter:
-    def __init__(self, model: nn.Module, path: str, out_len: int | None) -> None:
-        self.model, self.path, self.out_len = model, path, out_len
+    def __init__(self, model: nn.Module, path: str, out_len: int | None, mode: str) -> None:
+        self.model, self.path, self.out_len, self.mode = model, path, out_len, mode
 
     def __call__(self, value: bool) -> None:
         block = self.model.get_submodule(self.path)
         if not isinstance(block, SkippableBlock):
-            make_elastic(block, SkippableBlock, skip_output_len=self.out_len)
+            make_elastic(block, SkippableBlock, skip_output_len=self.out_len, skip_mode=self.mode)
         block.skipped = not value
 
 
@@ -160,7 +160,7 @@ def make_appliers(model: nn.Module, found: Discovery, space: SearchSpace) -> dic
     for b in found.blocks:
         if b.name not in space.dims:
             continue
-        make_elastic(model.get_submodule(b.path), SkippableBlock, skip_output_len=b.out_len)
-        appliers[b.name] = _KeepSetter(model, b.path, b.out_len)
+        make_elastic(model.get_submodule(b.path), SkippableBlock, skip_output_len=b.out_len, skip_mode=b.mode)
+        appliers[b.name] = _KeepSetter(model, b.path, b.out_len, b.mode)
     guard_fast_paths(model)
     return appliers

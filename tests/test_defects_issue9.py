@@ -340,3 +340,39 @@ def test_bad_space_options_name_the_option_the_value_and_what_is_allowed(space, 
     with pytest.raises(SearchSpaceError, match=pattern):
         SupernetModule(model, F.cross_entropy, example_input=torch.randn(1, 1, 8, 8), space=space)
     assert _classes(model) == classes
+
+
+# -- depth: a residual written by the caller -------------------------------------------------------------------------
+class _ParentResidual(nn.Module):
+    """``for layer in self.layers: h = h + drop(layer(h))``: the layers hold no residual of their own."""
+
+    def __init__(self, depth: int = 12) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+                                    for _ in range(depth))
+        self.drop = nn.Dropout(0.0)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in self.layers:
+            h = h + self.drop(layer(h))
+        return self.head(h)
+
+
+def test_blocks_whose_caller_adds_the_residual_are_skippable():
+    x = torch.randn(3, 16)
+    sn = SupernetModule(_ParentResidual(), F.cross_entropy, example_input=x)
+    assert sn.search_space.stack_blocks("layers") == [f"layers.{i}.keep" for i in range(12)]
+    for cfg in (sn.search_space.smallest(), sn.search_space.sample(4)):
+        small = sn.extract(cfg)
+        assert len(small.layers) == sum(cfg[f"layers.{i}.keep"] for i in range(12))
+        with sn.subnet(cfg), torch.no_grad():
+            torch.testing.assert_close(small(x), sn(x))
+    # the skipped layers really contribute nothing: equal to the model run with those layers removed by hand
+    cfg = sn.search_space.smallest()
+    manual = _ParentResidual()
+    manual.load_state_dict(sn.state_dict())
+    manual.layers = nn.ModuleList(manual.layers[i] for i in range(12) if cfg[f"layers.{i}.keep"])
+    with sn.subnet(sn.search_space.config({n: v for n, v in cfg.items() if n.endswith(".keep")})), torch.no_grad():
+        torch.testing.assert_close(sn(x), manual(x))

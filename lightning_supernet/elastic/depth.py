@@ -1,6 +1,7 @@
 """Elastic depth: a residual block that can be skipped (module-wise pruning by edge contraction).
 
-A skipped block returns its input unchanged, in the output structure the block had when it was traced (a tensor,
+A skipped block that adds its own residual returns its input unchanged; one whose caller adds the residual
+(``for layer in self.layers: h = h + layer(h)``) returns zeros. Either way it returns, in the output structure the block had when it was traced (a tensor,
 or a tuple whose first item is the hidden state), so the caller's loop ``for blk in self.blocks: x = blk(x)``
 needs no change.
 
@@ -27,7 +28,8 @@ class SkippableBlock:
     """Mixin for a residual block whose output has its input's shape.
 
     Attributes:
-        skipped: when ``True`` the block is the identity.
+        skipped: when ``True`` the block is the identity (or returns zeros, with ``skip_mode="zero"``: its caller
+            adds the residual).
         skip_output_len: ``None`` if the traced block returned a tensor, else the length of the tuple it returned
             (the skipped block returns ``(x, None, ...)`` of that length).
 
@@ -38,17 +40,20 @@ class SkippableBlock:
         False
     """
 
-    _elastic_attrs = ("skipped", "skip_output_len")
+    _elastic_attrs = ("skipped", "skip_output_len", "skip_mode")
 
     def init_elastic(self) -> None:
         """Start kept, returning a tensor."""
         self.skipped = False
         self.skip_output_len = None
+        self.skip_mode = "identity"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.skipped:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         hidden = _first_tensor(args, kwargs)
+        if self.skip_mode == "zero":  # the caller adds the residual (h = h + block(h)): contribute nothing
+            hidden = torch.zeros_like(hidden)
         if self.skip_output_len is None:
             return hidden
         return (hidden,) + (None,) * (self.skip_output_len - 1)

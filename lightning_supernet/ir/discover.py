@@ -126,6 +126,8 @@ class SkipBlock:
     Attributes:
         path: the block. stack: its container. index: position in the container.
         out_len: ``None`` if the block returns a tensor, else the length of its output tuple.
+        mode: ``"identity"`` (the block adds its own residual: skipped, it returns its input) or ``"zero"`` (the
+            caller adds the residual, ``h = h + block(h)``: skipped, it returns zeros).
 
     Example:
         >>> SkipBlock("blocks.3", "blocks", 3, None).name
@@ -136,6 +138,7 @@ class SkipBlock:
     stack: str
     index: int
     out_len: int | None
+    mode: str = "identity"
 
     @property
     def name(self) -> str:
@@ -417,8 +420,12 @@ def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Walker) -> 
                 continue
             call = graph.calls[node.calls[0]]
             weighted = any(walker.kinds.get(p) == "transform" for p in graph.modules if p.startswith(child + "."))
-            if weighted and _is_residual(call, graph, walker):
+            if not weighted or not _contractible(call, graph):
+                continue
+            if _is_residual(call, graph, walker):
                 blocks.append(SkipBlock(child, path, index, call.out_len))
+            elif _residual_in_parent(call, graph):
+                blocks.append(SkipBlock(child, path, index, call.out_len, mode="zero"))
     # keep the finest granularity: a block that holds skippable blocks (a whole stage) is not one itself
     blocks = [b for b in blocks if not any(o.path.startswith(b.path + ".") for o in blocks)]
     for b in blocks:
@@ -427,10 +434,6 @@ def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Walker) -> 
 
 
 def _is_residual(call: Call, graph: ModuleGraph, walker: _Walker) -> bool:
-    if not call.in_nodes or not call.out_nodes or call.in_nodes[0] is None or call.out_nodes[0] is None:
-        return False
-    if call.in_shapes[0] != call.out_shapes[0] or call.out_len == -1 or any(call.out_is_tensor[1:]):
-        return False
     source, sink = call.in_nodes[0], call.out_nodes[0]
     if source in graph.output_nodes:
         return False
@@ -449,9 +452,16 @@ def _is_residual(call: Call, graph: ModuleGraph, walker: _Walker) -> bool:
                 identity = True
             elif child is not None and (seq := seq_nr(child)) is not None and call.owns(seq):
                 stack.append(child)
-    if not identity:
+    return identity
+
+
+def _contractible(call: Call, graph: ModuleGraph) -> bool:
+    """Edge contraction is only valid if nothing outside the block reads the block's inner results."""
+    if not call.in_nodes or not call.out_nodes or call.in_nodes[0] is None or call.out_nodes[0] is None:
         return False
-    # edge contraction is only valid if nothing outside the block reads the block's inner results
+    if call.in_shapes[0] != call.out_shapes[0] or call.out_len == -1 or any(call.out_is_tensor[1:]):
+        return False
+    sink = call.out_nodes[0]
     for node, parents in graph.parents.items():
         seq = seq_nr(node)
         if seq is None or not call.owns(seq) or node is sink:
@@ -461,3 +471,29 @@ def _is_residual(call: Call, graph: ModuleGraph, walker: _Walker) -> bool:
             if pseq is not None and not call.owns(pseq):
                 return False
     return True
+
+
+_PASS_THROUGH = {"NativeDropout", "Mul", "Clone", "Alias", "ToCopy", "View", "Div"}
+
+
+def _residual_in_parent(call: Call, graph: ModuleGraph) -> bool:
+    """``h = h + block(h)`` written by the caller (``for layer in self.layers: h = h + layer(h)``): the block's
+    output reaches, through dropout or scaling only, an addition whose other operand is the block's own input.
+    Skipping such a block means it contributes nothing, so its skipped form returns zeros."""
+    source, node = call.in_nodes[0], call.out_nodes[0]
+    if source in graph.output_nodes:
+        return False
+    for _ in range(4):
+        parents = graph.parents.get(node, [])
+        if len(parents) != 1:
+            return False  # the block's output is read elsewhere too: zeroing it would change that reader
+        parent = parents[0]
+        name = _NAME.match(type(parent).__name__)
+        op = name.group(1) if name else ""
+        if op == "Add":
+            others = [c for c, _ in parent.next_functions if c is not node]
+            return len(others) == 1 and others[0] is source
+        if op not in _PASS_THROUGH or (seq := seq_nr(parent)) is None or call.owns(seq):
+            return False
+        node = parent
+    return False
