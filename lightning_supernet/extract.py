@@ -74,8 +74,9 @@ def extract_model(supernet: SupernetModule, cfg: SubnetConfig) -> nn.Module:
         if isinstance(mod, SkippableBlock) and mod.skipped:
             stack, _, name = path.rpartition(".")
             skipped.setdefault(stack, []).append(name)
-    for stack, names in skipped.items():
-        _drop_children(small, stack, set(names))
+    # inner stacks first: dropping an outer stack's blocks renumbers the paths of the stacks inside it
+    for stack in sorted(skipped, key=lambda p: p.count(".") + bool(p), reverse=True):
+        _drop_children(small, stack, set(skipped[stack]))
     for mod in small.modules():
         if isinstance(mod, ElasticMixin):
             mod.export_()

@@ -77,9 +77,12 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
     for w in found.widths:
         if w.name != name:
             continue
+        # a grouped convolution's channels move in whole groups (``multiple`` channels a unit)
+        index = perm if perm is None or w.multiple == 1 else (
+            perm[:, None] * w.multiple + torch.arange(w.multiple)).reshape(-1)
         for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
             for path in ports:
-                out += _port_tensors(model.get_submodule(path), port, perm)
+                out += _port_tensors(model.get_submodule(path), port, index)
         return out
     for h in found.heads:
         if h.name != name:
@@ -99,10 +102,11 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
 
 
 def _units(supernet: SupernetModule, name: str) -> int:
-    """Channels of a width group, or key/value head groups of a head group (the unit a permutation moves)."""
+    """Channels of a width group (whole groups of a grouped convolution), or key/value head groups of a head group:
+    the unit a permutation moves."""
     for w in supernet.discovery.widths:
         if w.name == name:
-            return w.size
+            return w.size // w.multiple
     for h in supernet.discovery.heads:
         if h.name == name:
             return h.spec.num_kv_heads
@@ -115,7 +119,7 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
     tensors = group_tensors(supernet, name)
     for w in supernet.discovery.widths:
         if w.name == name:
-            return [torch.arange(w.size)] * len(tensors)
+            return [torch.arange(w.size) // w.multiple] * len(tensors)
     spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
     d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
     ids = []
@@ -220,7 +224,8 @@ def activation_importance(supernet: SupernetModule, batches: Iterable[Any]) -> d
         for h in handles:
             h.remove()
     result = magnitude_importance(supernet)
-    result.update(sums)
+    multiples = {w.name: w.multiple for w in found.widths}
+    result.update({name: a.reshape(-1, multiples[name]).sum(1) for name, a in sums.items()})  # per unit
     return result
 
 
@@ -235,6 +240,9 @@ def _bands(supernet: SupernetModule, name: str, units: int) -> list[tuple[int, i
     for h in supernet.discovery.heads:
         if h.name == name:
             per_unit = h.spec.kv_group
+    for w in supernet.discovery.widths:
+        if w.name == name:
+            per_unit = w.multiple
     cuts = sorted({c // per_unit for c in dim.choices if c // per_unit < units})
     edges = [0] + [c for c in cuts if c > 0] + [units]
     return list(zip(edges[:-1], edges[1:], strict=True))

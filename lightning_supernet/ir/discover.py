@@ -45,6 +45,12 @@ _ELEMENTWISE = {
 _NAME = re.compile(r"^(.*?)Backward\d*$")
 
 
+def _op_name(node: Any) -> str:
+    """``AddBackward0`` -> ``Add``."""
+    m = _NAME.match(type(node).__name__)
+    return m.group(1) if m else ""
+
+
 def _is_elementwise(node: Any) -> bool:
     m = _NAME.match(type(node).__name__)
     return bool(m) and m.group(1) in _ELEMENTWISE
@@ -448,7 +454,7 @@ def _is_residual(call: Call, graph: ModuleGraph, walker: _Walker) -> bool:
         if owner is not None and walker.kinds.get(owner.path) == "transform":
             continue
         for child, _ in node.next_functions:
-            if child is source:
+            if child is source and _op_name(node) in ("Add", "Sub"):  # an additive identity path, not a gate
                 identity = True
             elif child is not None and (seq := seq_nr(child)) is not None and call.owns(seq):
                 stack.append(child)
