@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from lightning_supernet.errors import InvalidArgumentError
 from lightning_supernet.elastic.base import ElasticMixin
@@ -62,6 +62,16 @@ def active_params(model: nn.Module) -> int:
     return total
 
 
+def _cpu_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> int:
+    """The CPU kernel of ``scaled_dot_product_attention`` does the same matmuls as the CUDA ones (torch's flop
+    counter knows only those)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+
+
 def count_macs(model: nn.Module, example: Any) -> int:
     """Multiply-accumulates of one forward pass on ``example`` (``FlopCounterMode`` flops / 2).
 
@@ -71,10 +81,24 @@ def count_macs(model: nn.Module, example: Any) -> int:
         >>> count_macs(nn.Conv2d(1, 2, 1, bias=False), torch.randn(1, 1, 3, 3))
         18
     """
-    counter = FlopCounterMode(display=False)
-    with preserved_modes(model), torch.no_grad(), counter:
-        model.eval()
-        call_model(model, example)
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOPS)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    # PyTorch's fused transformer kernels (nn.MultiheadAttention/TransformerEncoderLayer in eval without grad) are
+    # invisible to the flop counter: count the same computation on their ordinary path
+    torch.backends.mha.set_fastpath_enabled(False)
+    # the counter's module tracker hooks every input that requires grad; a view of a parameter made under no_grad
+    # (timm CaiT's ``cls_token.expand``) requires grad without a grad_fn and trips it: count with grads off
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with preserved_modes(model), torch.no_grad(), counter:
+            model.eval()
+            call_model(model, example)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops() // 2
 
 

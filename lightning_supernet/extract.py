@@ -77,8 +77,8 @@ def extract_model(supernet: SupernetModule, cfg: SubnetConfig) -> nn.Module:
     # inner stacks first: dropping an outer stack's blocks renumbers the paths of the stacks inside it
     for stack in sorted(skipped, key=lambda p: p.count(".") + bool(p), reverse=True):
         _drop_children(small, stack, set(skipped[stack]))
-    for mod in small.modules():
-        if isinstance(mod, ElasticMixin):
+    for mod in small.modules():  # pre-order: a container exports before the modules inside it
+        if isinstance(mod, ElasticMixin) or hasattr(type(mod), "export_"):
             mod.export_()
         exported_as = mod.__dict__.pop("_exported_as", None)  # a class that can hold the smaller shape
         if is_elastic(mod):

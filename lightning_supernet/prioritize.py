@@ -92,7 +92,10 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
         for path, blocks in ((spec.q, 1), (spec.qkv, 3)):
             if path is not None:
                 idx = None if perm is None else _head_index(spec, perm, blocks, spec.layout)
-                out += _port_tensors(anchor.get_submodule(path), "out", idx)
+                proj = anchor.get_submodule(path)
+                out += _port_tensors(proj, "out", idx)
+                if "out_separate" in op_for(proj).ports:  # nn.MultiheadAttention with separate q/k/v weights
+                    out += _port_tensors(proj, "out_separate", q_idx)
         for path in (spec.k, spec.v):
             if path is not None:
                 out += _port_tensors(anchor.get_submodule(path), "out", None if perm is None else _kv_index(spec, perm))

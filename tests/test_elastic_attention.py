@@ -180,3 +180,70 @@ def test_torchvision_vit_12_layers():
     assert kinds.count("heads") == 12 and kinds.count("depth") == 12
     _check_every_mode(sn, x, [sn.search_space.smallest(), sn.search_space.sample(0)])
     assert make_elastic and ElasticMultiheadAttention  # the public names exist
+
+
+def test_padded_torch_encoder_matches_torch_and_the_extracted_subnet_on_its_nested_tensor_path():
+    """With a key padding mask, torch's encoder (eval, no grad) runs on nested tensors and returns zeros at padded
+    positions: the full supernet is torch's own forward, and every subnet equals its extracted model."""
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 4, enable_nested_tensor=True).eval()
+    x, pad = torch.randn(2, 6, 16), torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    original = copy.deepcopy(encoder)
+    sn = SupernetModule(encoder, F.mse_loss, example_input=(x, None, pad))
+    space = sn.search_space
+    with torch.no_grad():
+        assert original(x, src_key_padding_mask=pad)[1, 4:].abs().max() == 0  # the nested path was taken
+        torch.testing.assert_close(sn(x, src_key_padding_mask=pad), original(x, src_key_padding_mask=pad))
+    widths = space.config({n: min(d.choices) for n, d in space.dims.items() if d.kind == "width"})
+    for cfg in (widths, space.smallest(), space.sample(0)):
+        small = sn.extract(cfg).eval()
+        for ctx in (torch.no_grad, torch.enable_grad, torch.inference_mode):
+            with ctx():
+                expected = small(x, src_key_padding_mask=pad)
+            with sn.subnet(cfg), ctx():
+                got = sn(x, src_key_padding_mask=pad)
+            torch.testing.assert_close(got.clone(), expected.clone(), atol=1e-5, rtol=1e-4)
+
+
+def test_macs_of_torch_attention_are_counted_on_its_fast_path_too():
+    from lightning_supernet.cost import count_macs
+
+    mha = nn.MultiheadAttention(E, H, batch_first=True).eval()
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = mha
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, 5, E)
+    L = 5
+    expected = 2 * (L * (3 * E * E + E * E) + 2 * L * L * E)  # batch x (projections + q k^T and attn v)
+    assert count_macs(Wrap(), x) == expected
+
+
+def test_cross_attention_with_separate_key_value_dims():
+    """``kdim``/``vdim`` != ``embed_dim``: separate q/k/v weights, sliced and prioritised like the packed ones."""
+    from lightning_supernet.prioritize import magnitude_importance, reorder
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, kdim=12, vdim=10, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_v: torch.Tensor) -> torch.Tensor:
+            return self.head(x + self.attn(x, ctx, ctx_v, need_weights=False)[0])
+
+    inputs = (torch.randn(2, 5, 16), torch.randn(2, 7, 12), torch.randn(2, 7, 10))
+    sn = SupernetModule(Cross().eval(), F.cross_entropy, example_input=inputs)
+    assert sn.search_space.dims["attn.heads"].choices == (4, 3, 2, 1)
+    with torch.no_grad():
+        before = sn(*inputs)
+        assert reorder(sn, magnitude_importance(sn))
+        torch.testing.assert_close(sn(*inputs), before, atol=1e-5, rtol=1e-5)
+    _check_every_mode(sn, inputs, [sn.search_space.smallest(), sn.search_space.config({"attn.heads": 2})],
+                      call=lambda m, x: m(*x))

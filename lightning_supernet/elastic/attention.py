@@ -111,13 +111,15 @@ def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
 
 
 def sliced_attention(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     in_weight: torch.Tensor, in_bias: torch.Tensor | None, out_weight: torch.Tensor,
+                     in_weight: Any, in_bias: torch.Tensor | None, out_weight: torch.Tensor,
                      out_bias: torch.Tensor | None, heads: int, head_dim: int, key_padding_mask: Any = None,
                      need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
                      is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``nn.MultiheadAttention``'s computation with ``heads`` heads of ``head_dim`` (any ``heads * head_dim``).
 
-    Args mirror ``nn.MultiheadAttention.forward``; the weights are the active (sliced) ones.
+    Args mirror ``nn.MultiheadAttention.forward``; the weights are the active (sliced) ones: ``in_weight`` is the
+    packed ``[3 * heads * head_dim, embed_dim]`` projection or a ``(q, k, v)`` tuple of separate ones (``kdim`` /
+    ``vdim`` different from ``embed_dim``).
 
     Example:
         >>> mha = nn.MultiheadAttention(8, 2, batch_first=True); x = torch.randn(1, 3, 8)
@@ -133,7 +135,7 @@ def sliced_attention(module: nn.MultiheadAttention, query: torch.Tensor, key: to
     elif not module.batch_first:
         query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
     B, L, S = query.shape[0], query.shape[1], key.shape[1]
-    wq, wk, wv = in_weight.chunk(3)
+    wq, wk, wv = in_weight if isinstance(in_weight, tuple) else in_weight.chunk(3)
     bq, bk, bv = in_bias.chunk(3) if in_bias is not None else (None, None, None)
     q = F.linear(query, wq, bq).view(B, L, heads, head_dim).transpose(1, 2)  # (B, nh, L, hd)
     k = F.linear(key, wk, bk).view(B, S, heads, head_dim).transpose(1, 2)
@@ -192,7 +194,7 @@ class ElasticMultiheadAttention(ElasticMixin):
         out_weight = out_proj.active_tensor("weight", out_proj.weight) if hasattr(out_proj, "active_tensor") else \
             out_proj.weight[:, : self.active_out_features]
         return sliced_attention(
-            self, query, key, value, self.active_tensor("in_proj_weight", self.in_proj_weight),
+            self, query, key, value, _in_weight(self, self.active_tensor),
             self.active_tensor("in_proj_bias", self.in_proj_bias), out_weight, out_proj.bias, self.num_heads,
             self.head_dim, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
 
@@ -220,7 +222,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         >>> from lightning_supernet.elastic.registry import make_elastic, restore
         >>> mha = nn.MultiheadAttention(8, 4, batch_first=True).eval(); x = torch.randn(2, 3, 8)
         >>> make_elastic(mha, ElasticMultiheadAttention); HeadSetter(mha, "", _spec(mha))(2)
-        >>> small = copy.deepcopy(mha); small.export_(); restore(small); small.__class__ = PrunedMultiheadAttention
+        >>> small = copy.deepcopy(mha); small.out_proj.export_(); small.export_(); restore(small.out_proj)
+        >>> restore(small); small.__class__ = PrunedMultiheadAttention
         >>> torch.allclose(small(x, x, x)[0], mha(x, x, x)[0], atol=1e-6), small.in_proj_weight.shape
         (True, torch.Size([12, 8]))
     """
@@ -228,7 +231,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_padding_mask: Any = None,
                 need_weights: bool = True, attn_mask: Any = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return sliced_attention(self, query, key, value, self.in_proj_weight, self.in_proj_bias,
+        return sliced_attention(self, query, key, value, _in_weight(self, lambda name, t: t), self.in_proj_bias,
                                 self.out_proj.weight, self.out_proj.bias, self.num_heads, self.head_dim,
                                 key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
 
@@ -237,15 +240,25 @@ def _spec(mha: nn.MultiheadAttention) -> HeadSpec:
     return HeadSpec(mha.num_heads, mha.num_heads, mha.head_dim, o="out_proj", qkv="", head_attrs=(("", "num_heads"),))
 
 
+def _in_weight(mha: nn.Module, view: Any) -> Any:
+    """The packed input projection, or the separate (q, k, v) ones, through ``view(name, tensor)``."""
+    if mha.in_proj_weight is not None:
+        return view("in_proj_weight", mha.in_proj_weight)
+    return tuple(view(n, getattr(mha, n)) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+
+
 def _supported_mha(module: nn.Module) -> bool:
-    return (same_forward(module, nn.MultiheadAttention) and module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
-            and module.in_proj_weight is not None)
+    return same_forward(module, nn.MultiheadAttention) and module.bias_k is None and not module.add_zero_attn
 
 
-#: ``nn.MultiheadAttention`` with a packed projection: its heads are elastic (the fused rows are its "out" port).
+#: ``nn.MultiheadAttention``: its heads are elastic (the fused q/k/v rows are its "out" port, or the rows of its
+#: separate q/k/v weights when ``kdim``/``vdim`` differ from ``embed_dim``).
 MULTIHEAD_ATTENTION = register_op(ElasticOp(
     "MultiheadAttention", (nn.MultiheadAttention,), "heads",
     {"out": Port((("in_proj_weight", 0), ("in_proj_bias", 0)), "active_out_features", lambda m: 3 * m.embed_dim,
-                 blocks="out_blocks")},
+                 blocks="out_blocks"),
+     # kdim/vdim != embed_dim: separate q/k/v weights, one block each (the bias stays packed)
+     "out_separate": Port((("q_proj_weight", 0), ("k_proj_weight", 0), ("v_proj_weight", 0)), "active_out_features",
+                          "embed_dim")},
     ElasticMultiheadAttention, accepts=_supported_mha, channel_dim=-1,
 ))

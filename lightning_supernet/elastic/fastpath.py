@@ -29,7 +29,7 @@ from torch import nn
 
 from lightning_supernet.elastic.registry import is_elastic, make_elastic, original_class
 
-__all__ = ["FAST_PATH_TYPES", "FastPathGuard", "guard_fast_paths", "register_fast_path"]
+__all__ = ["FAST_PATH_TYPES", "FastPathGuard", "guard_fast_paths", "is_sliced", "register_fast_path"]
 
 #: module types whose forward may read their children's weights on a fused path
 FAST_PATH_TYPES: list[type] = [nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
@@ -37,7 +37,12 @@ FAST_PATH_TYPES: list[type] = [nn.TransformerEncoderLayer, nn.TransformerDecoder
 
 
 class FastPathGuard:
-    """Mixin: run the module's own ``forward`` with PyTorch's fused transformer fast path switched off.
+    """Mixin: while a subnet smaller than the full model is active inside the module, run the module's own
+    ``forward`` with PyTorch's fused transformer fast path switched off (at the full size nothing changes).
+
+    ``nn.TransformerEncoder`` with a key padding mask runs its layers on nested tensors and returns zeros at the
+    padded positions; the guarded encoder gives those zeros too, exactly when torch's own encoder (and so the
+    extracted subnet) would take that path.
 
     Example:
         >>> FastPathGuard._elastic_attrs
@@ -47,12 +52,77 @@ class FastPathGuard:
     _elastic_attrs: tuple[str, ...] = ()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not is_sliced(self):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        nested = isinstance(self, nn.TransformerEncoder) and _nests(self, *args, **kwargs)
         enabled = torch.backends.mha.get_fastpath_enabled()
         torch.backends.mha.set_fastpath_enabled(False)
         try:
+            if nested:
+                return _encoder_with_padding_zeroed(self, *args, **kwargs)
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         finally:
             torch.backends.mha.set_fastpath_enabled(enabled)
+
+    def export_(self) -> dict[str, Any]:
+        """An encoder whose attention loses heads cannot use torch's nested-tensor path (its kernels assume
+        ``heads * head_dim == embed_dim``): the extracted encoder keeps to the ordinary path."""
+        if isinstance(self, nn.TransformerEncoder) and _heads_sliced(self):
+            self.use_nested_tensor = False
+        return {}
+
+
+def is_sliced(module: nn.Module) -> bool:
+    """Whether any elastic module inside ``module`` runs smaller than its full size (or a block is skipped).
+
+    Example:
+        >>> is_sliced(nn.Linear(2, 2))
+        False
+    """
+    for m in module.modules():
+        if getattr(m, "skipped", False) is True:
+            return True
+        if type(m).__dict__.get("_mixins") and any(
+            key.startswith("active_") and value is not None for key, value in vars(m).items()
+        ):
+            return True
+    return False
+
+
+def _heads_sliced(encoder: nn.Module) -> bool:
+    return any(isinstance(m, nn.MultiheadAttention) and getattr(m, "active_out_features", None) is not None
+               for layer in encoder.layers if not getattr(layer, "skipped", False) for m in layer.modules())
+
+
+def _nests(encoder: nn.TransformerEncoder, src: torch.Tensor, mask: Any = None, src_key_padding_mask: Any = None,
+           is_causal: Any = None) -> bool:
+    """Whether torch's own ``TransformerEncoder.forward`` would run on nested tensors (the conditions of torch
+    2.x's fast path), for a subnet whose extracted encoder could."""
+    layer = encoder.layers[0]
+    attn = layer.self_attn
+    if (not torch.backends.mha.get_fastpath_enabled() or not getattr(encoder, "use_nested_tensor", False)
+            or _heads_sliced(encoder) or layer.training or src.dim() != 3 or src_key_padding_mask is None
+            or src.is_nested or mask is not None or torch.is_autocast_enabled()):
+        return False
+    if getattr(encoder, "mask_check", True) and not torch._nested_tensor_from_mask_left_aligned(
+            src, src_key_padding_mask.logical_not()):
+        return False
+    tensors = (src, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+               layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
+               layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    if torch.overrides.has_torch_function(tensors) or src.device.type not in ("cpu", "cuda", "xpu"):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def _encoder_with_padding_zeroed(encoder: nn.TransformerEncoder, src: torch.Tensor, mask: Any = None,
+                                 src_key_padding_mask: Any = None, is_causal: Any = None) -> torch.Tensor:
+    output = src
+    for layer in encoder.layers:
+        output = layer(output, src_mask=mask, is_causal=bool(is_causal), src_key_padding_mask=src_key_padding_mask)
+    padded = src_key_padding_mask if encoder.layers[0].self_attn.batch_first else src_key_padding_mask.transpose(0, 1)
+    output = output.masked_fill(padded.unsqueeze(-1), 0.0)
+    return encoder.norm(output) if encoder.norm is not None else output
 
 
 def register_fast_path(cls: type) -> type:
