@@ -74,7 +74,11 @@ def build_space(found: Discovery, opts: SpaceOptions) -> SearchSpace:
     position = found.order
     order.sort(key=lambda item: (position.get(item[0], len(position)), item[1].kind != "depth"))
     dims = [d for _, d in order]
-    return SearchSpace(dims, stacks, keep_prob=opts.keep_prob)
+    # the projections of attention heads are the heads' business: their own widths are fixed by design
+    heads = {h.path for h in found.heads}
+    frozen = {n: why for n, why in found.frozen.items()
+              if not any(n.startswith(f"{p}.") and not n.endswith(".heads") for p in heads if p)}
+    return SearchSpace(dims, stacks, keep_prob=opts.keep_prob, frozen=frozen)
 
 
 def _check_choices(name: str, choices: tuple, full: int, multiple: int) -> None:

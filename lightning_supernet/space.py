@@ -20,6 +20,7 @@ import difflib
 import fnmatch
 import hashlib
 import math
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -315,8 +316,10 @@ class SearchSpace:
     """
 
     def __init__(self, dims: list[Dim], stacks: Mapping[str, tuple[int, int]] | None = None,
-                 keep_prob: float = 0.5) -> None:
+                 keep_prob: float = 0.5, frozen: Mapping[str, str] | None = None) -> None:
         self.dims: dict[str, Dim] = {d.name: d for d in dims}
+        #: dims considered and left fixed, with the reason in words (shown by ``print(space)``)
+        self.frozen: dict[str, str] = dict(frozen or {})
         self.stacks = dict(stacks or {})
         self.keep_prob = keep_prob
         text = repr([(d.name, d.kind, d.choices) for d in dims]) + repr(sorted(self.stacks.items()))
@@ -540,9 +543,24 @@ class SearchSpace:
         for stack, (n, m) in self.stacks.items():
             lines.append(f"stack `{stack}`: {n} blocks, {len(self._stack_blocks.get(stack, ()))} skippable, "
                          f"keeps at least {m}")
+        if self.frozen:
+            groups: dict[tuple[str, str], int] = {}
+            for name, why in self.frozen.items():  # blocks.3.x and blocks.7.x left fixed alike: one line
+                key = (_INDEX.sub(".*", name), _NUMBER.sub("…", _INDEX.sub(".*", why)))
+                groups[key] = groups.get(key, 0) + 1
+            lines.append(f"left fixed: {len(self.frozen)} dims (each one's reason: `search_space.frozen`)")
+            for (name, why), count in list(groups.items())[:_FROZEN_SHOWN]:
+                lines.append(f"  {name}{f' (x{count})' if count > 1 else ''}: {why}")
+            if len(groups) > _FROZEN_SHOWN:
+                lines.append(f"  ... and {len(groups) - _FROZEN_SHOWN} more")
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+_FROZEN_SHOWN = 12
+_INDEX = re.compile(r"\.\d+(?=[.`]|$)")
+_NUMBER = re.compile(r"\b\d+\.\d+\b|(?<=difference )\d+\b")
 
 
 def _sequence(option: str, value: Any, allowed: str) -> tuple:

@@ -34,6 +34,7 @@ from torch import nn
 from lightning_supernet.ir.graph import Call, ModuleGraph, seq_nr
 from lightning_supernet.ir.heads import HeadSpec, find_head_specs, looks_like_attention
 from lightning_supernet.ops import op_for
+from lightning_supernet.ir.words import op_in_words
 
 __all__ = ["Discovery", "HeadGroup", "SkipBlock", "WidthGroup", "discover", "module_kind"]
 
@@ -269,7 +270,7 @@ class _Walker:
             if _is_elementwise(node):
                 stack.extend(n for n, _ in node.next_functions)
             else:
-                why = why or f"op {type(node).__name__}"
+                why = why or op_in_words(node)
         return why
 
     def forward(self, start: Any, ports: set, origin: str) -> str | None:
@@ -296,7 +297,7 @@ class _Walker:
                 elif call is None and _is_elementwise(parent):
                     stack.append(parent)
                 elif call is None:
-                    why = why or f"op {type(parent).__name__}"
+                    why = why or op_in_words(parent)
         return why
 
 
