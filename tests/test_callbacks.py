@@ -104,7 +104,7 @@ def test_taylor_importance_keeps_gradients():
     for p in sn.parameters():
         p.grad = torch.ones_like(p)
     scores = taylor_importance(sn, [(X, torch.randint(0, 10, (4,)))])
-    assert all(s.sum() > 0 for s in scores.values())
+    assert all(s.sum() > 0 for s in scores.values())  # equality with the definition: test_exact_expectations
     assert all(torch.all(p.grad == 1) for p in sn.parameters())
 
 
@@ -138,20 +138,6 @@ def test_sampling_is_deterministic_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert a == cb.sample_random(sn, cb.generator(5, 0))
     assert a != cb.sample_random(sn, cb.generator(6, 0))
-
-
-def test_complexity_sampler_forms_a_ladder_across_the_range():
-    sn = _vit()
-    cb = SandwichSampling(num_random=3, sampler="complexity", tries=32)
-    sizes = []
-    for step in range(8):
-        with torch.no_grad():
-            cfgs = cb.sample_random(sn, cb.generator(step))
-        for cfg in cfgs:
-            with sn.subnet(cfg):
-                sizes.append(active_params(sn.model))
-    ladder = torch.tensor(sizes, dtype=torch.float).view(8, 3).mean(0)
-    assert ladder[0] > ladder[1] > ladder[2]  # rungs from large to small
 
 
 class _Lit(pl.LightningModule):

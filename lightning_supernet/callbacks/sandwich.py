@@ -119,7 +119,11 @@ class SandwichSampling(Callback):
         chosen = []
         for k in range(self.num_random):
             target = hi - (k + 1) * rung + (torch.rand((), generator=generator).item() - 0.5) * rung
-            candidates = [space.sample(generator) for _ in range(self.tries)]
+            level = (target - lo) / max(hi - lo, 1)
+            # half the candidates uniform, half drawn around the rung's level: uniform draws alone pile up in the
+            # middle of the range and miss the rungs near the largest and the smallest
+            candidates = [space.sample(generator) if t % 2 else _around(space, level, generator)
+                          for t in range(self.tries)]
             chosen.append(min(candidates, key=lambda c: abs(self._size(supernet, c) - target)))
         return chosen
 
@@ -130,3 +134,17 @@ class SandwichSampling(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = state_dict["seed"]
+
+
+def _around(space: Any, level: float, generator: torch.Generator) -> SubnetConfig:
+    """A config whose every dim sits near ``level`` of its range (0 = smallest choice, 1 = largest), jittered."""
+    values: dict[str, Any] = {}
+    for name, d in space.dims.items():
+        at = min(max(level + (torch.rand((), generator=generator).item() - 0.5) * 0.5, 0.0), 1.0)
+        if d.kind == "depth":
+            values[name] = bool(torch.rand((), generator=generator).item() < at)
+        else:
+            ordered = sorted(d.choices)
+            values[name] = ordered[min(int(at * len(ordered)), len(ordered) - 1)]
+    return space.repair(values, generator)
+
