@@ -41,7 +41,7 @@ MODELS: dict[str, tuple[dict[str, Any], int]] = {
     "efficientvit_m0": ({"img_size": 64}, 64),
     "fastvit_t8": ({}, 64),
 }
-FAST = ("vit_tiny_patch16_224", "resnet18", "mobilenetv3_small_100", "convnext_atto")
+FAST = ("vit_tiny_patch16_224", "mobilenetv3_small_100", "convnext_atto")
 
 
 def timm_zoo() -> list[ZooModel]:
