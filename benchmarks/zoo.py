@@ -1,7 +1,8 @@
 """Run the conformance contract (issue 9) over the model zoos; one line per model, totals per zoo.
 
     python benchmarks/zoo.py [--zoo torchvision|hf|timm|torch|all] [--fast] [--torch-pruning] [--timeout S]
-                             [--tp-timeout S] [--only NAME,...] [--json PATH] [--n-random N]
+                             [--tp-timeout S] [--only NAME,...] [--json PATH [--resume]] [--reverse]
+                             [--n-random N] [--summarize PATH]
 
 Each model runs in its own forked process (libraries imported once, before the fork) with a time limit, so one
 model that hangs or runs out of memory does not stop the run: it is reported as TIMEOUT or FAIL(process).
@@ -91,6 +92,52 @@ def run_one(zoo: str, name: str, timeout: float, tp: bool, n_random: int, tp_tim
     return report
 
 
+def _done(path: str, zoo: str) -> set[str]:
+    """Names of the models of ``zoo`` already recorded in the JSON-lines file ``path``."""
+    if not path or not os.path.exists(path):
+        return set()
+    with open(path) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return {r["name"] for r in rows if r.get("zoo") == zoo}
+
+
+def summarize_json(path: str) -> str:
+    """Markdown: a totals table per zoo (with Torch-Pruning's OK count) and every FAIL/TIMEOUT/REFUSED/COVERAGE
+    model with its reason, from a ``--json`` file (the last line of a model wins)."""
+    with open(path) as fh:
+        rows = {(r["zoo"], r["name"]): r for r in (json.loads(line) for line in fh if line.strip())}
+    out = ["| zoo | models | PASS | COVERAGE | REFUSED | FAIL | TIMEOUT | SKIPPED | Torch-Pruning OK |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for zoo in ZOOS:
+        rs = [r for (z, _), r in rows.items() if z == zoo]
+        if not rs:
+            continue
+        c = summarize(Report(r["name"], r["outcome"]) for r in rs)
+        tp = [r.get("extra", {}).get("torch_pruning", "") for r in rs if r["outcome"] != "SKIPPED"]
+        tp_ok = f"{sum(t.startswith('OK') for t in tp)}/{len(tp)}" if any(tp) else "-"
+        out.append(f"| {zoo} | {len(rs)} | {c['PASS']} | {c['COVERAGE']} | {c['REFUSED']} | {c['FAIL']} | "
+                   f"{c['TIMEOUT']} | {c['SKIPPED']} | {tp_ok} |")
+    for outcome in ("FAIL", "TIMEOUT", "REFUSED", "COVERAGE", "SKIPPED"):
+        listed = [(z, r) for (z, _), r in sorted(rows.items()) if r["outcome"] == outcome]
+        if listed:
+            out += ["", f"**{outcome}** ({len(listed)}):", ""]
+        for zoo, r in listed:
+            if outcome == "FAIL":
+                why = f"`{r['step']}`: {r['detail']}"
+                more = sorted({s for s, _ in r.get("failures", [])} - {r["step"]})
+                why += f" (also: {', '.join(more)})" if more else ""
+            elif outcome == "COVERAGE":
+                why = f"smallest keeps {r['smallest_fraction']:.0%} of the params"
+            else:
+                why = r["detail"]
+            out.append(f"- {zoo} `{r['name']}` — {why}".replace("\n", " "))
+    tp_rows = [(z, r) for (z, _), r in sorted(rows.items()) if r.get("extra", {}).get("torch_pruning")]
+    if tp_rows:
+        out += ["", "**Torch-Pruning, per model**:", ""]
+        out += [f"- {z} `{r['name']}`: {r['extra']['torch_pruning']}" for z, r in tp_rows]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zoo", default="all", choices=(*ZOOS, "all"))
@@ -100,8 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp-timeout", type=float, default=120.0, help="seconds for Torch-Pruning per model")
     parser.add_argument("--only", default="", help="comma-separated model names")
     parser.add_argument("--json", default="", help="append one JSON line per model to this file")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip models already in --json (several runs can share one file, e.g. with --reverse)")
+    parser.add_argument("--reverse", action="store_true", help="run each zoo's models in reverse order")
     parser.add_argument("--n-random", type=int, default=3, help="random configs per model beside the smallest")
+    parser.add_argument("--summarize", default="", metavar="PATH",
+                        help="print totals per zoo and the FAIL/REFUSED list (markdown) of a --json file, run nothing")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize_json(args.summarize))
+        return 0
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     zoos = ZOOS if args.zoo == "all" else (args.zoo,)
@@ -111,8 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     grand: dict[str, list[Report]] = {}
     for zoo in zoos:
         models = [m for m in get_zoo(zoo) if (not args.fast or m.fast) and (not only or m.name in only)]
+        if args.reverse:
+            models = models[::-1]
         reports = []
         for m in models:
+            if args.resume and m.name in _done(args.json, zoo):
+                continue
             if m.skip:
                 report = Report(m.name, "SKIPPED", detail=m.skip)
             else:
