@@ -2,7 +2,7 @@
 
 Inputs are 2x3x32x32 where the model accepts them (batch 2, so BatchNorm runs in train mode even on a 1x1 final
 feature map; 32x32 keeps the full zoo within about an hour on a loaded 2-core CPU); ViTs are built with
-``image_size=32``; Inception-v3 needs 299x299 for its auxiliary head (train mode), MaxViT its 224x224. The two models above
+``image_size=32``; Inception-v3 needs 299x299 for its auxiliary head (train mode), MaxViT its 224x224, AlexNet 64x64 (its third max-pool needs it). The two models above
 600 M parameters (ViT-H/14, RegNetY-128GF) are skipped: in float64 (the prioritization check) each needs over
 5 GB per copy, more than a small shared machine has.
 
@@ -30,7 +30,7 @@ SKIPPED = {
 #: the input size of most models
 SIZE = 32
 #: input sizes other than SIZE
-SIZES = {"inception_v3": 299, "maxvit_t": 224}
+SIZES = {"inception_v3": 299, "maxvit_t": 224, "alexnet": 64}
 #: the fast slice (small, one per pattern: residual BN, depthwise + SE, concatenated branches, channel shuffle)
 FAST = ("resnet18", "mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5")
 
