@@ -1,7 +1,7 @@
 """Run the conformance contract (issue 9) over the model zoos; one line per model, totals per zoo.
 
     python benchmarks/zoo.py [--zoo torchvision|hf|timm|torch|all] [--fast] [--torch-pruning] [--timeout S]
-                             [--tp-timeout S] [--only NAME,...] [--json PATH [--resume]] [--reverse]
+                             [--tp-timeout S] [--only NAME,...] [--json PATH [--resume]] [--reverse] [--rotate K]
                              [--n-random N] [--summarize PATH]
 
 Each model runs in its own forked process (libraries imported once, before the fork) with a time limit, so one
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="skip models already in --json (several runs can share one file, e.g. with --reverse)")
     parser.add_argument("--reverse", action="store_true", help="run each zoo's models in reverse order")
+    parser.add_argument("--rotate", type=int, default=0, help="start each zoo at this index (wrapping around)")
     parser.add_argument("--n-random", type=int, default=3, help="random configs per model beside the smallest")
     parser.add_argument("--summarize", default="", metavar="PATH",
                         help="print totals per zoo and the FAIL/REFUSED list (markdown) of a --json file, run nothing")
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [m for m in get_zoo(zoo) if (not args.fast or m.fast) and (not only or m.name in only)]
         if args.reverse:
             models = models[::-1]
+        models = models[args.rotate % max(len(models), 1):] + models[:args.rotate % max(len(models), 1)]
         reports = []
         for m in models:
             if args.resume and m.name in _done(args.json, zoo):
