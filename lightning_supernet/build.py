@@ -97,20 +97,22 @@ class _WidthSetter:
     that lost its slicing.
     """
 
-    def __init__(self, model: nn.Module, targets: list[tuple[str, str]], full: int) -> None:
+    def __init__(self, model: nn.Module, targets: list[tuple[str, str]], full: int,
+                 scales: dict[str, int] | None = None) -> None:
         self.model, self.full = model, full
         self.targets = []
         for path, port in targets:
             op = op_for(elastic_module(model, path))
-            self.targets.append((path, op.ports[port].active, op.mixin))
+            scale = (scales or {}).get(path, 1) if port == "in" else 1
+            self.targets.append((path, op.ports[port].active, op.mixin, scale))
 
     def __call__(self, value: int) -> None:
-        v = None if value == self.full else value
-        for path, attr, mixin in self.targets:
+        for path, attr, mixin, scale in self.targets:
             mod = self.model.get_submodule(path)
             if not isinstance(mod, mixin):
                 mod = elastic_module(self.model, path)
-            setattr(mod, attr, v)
+            # a consumer after flatten reads ``scale`` features a channel: it keeps the first value * scale
+            setattr(mod, attr, None if value == self.full else value * scale)
 
 
 class _KeepSetter:
@@ -157,7 +159,7 @@ def make_appliers(model: nn.Module, found: Discovery, space: SearchSpace) -> dic
                    for path in ports]
         for path, _ in targets:
             elastic_module(model, path)
-        appliers[w.name] = _WidthSetter(model, targets, w.size)
+        appliers[w.name] = _WidthSetter(model, targets, w.size, dict(w.scales))
     for h in found.heads:
         if h.name in space.dims:
             appliers[h.name] = HeadSetter(model, h.path, h.spec)

@@ -82,7 +82,9 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
             perm[:, None] * w.multiple + torch.arange(w.multiple)).reshape(-1)
         for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
             for path in ports:
-                out += _port_tensors(model.get_submodule(path), port, index)
+                scale = w.scale(path) if port == "in" else 1  # a consumer after flatten: a run of features a channel
+                idx = index if index is None or scale == 1 else (index[:, None] * scale + torch.arange(scale)).reshape(-1)
+                out += _port_tensors(model.get_submodule(path), port, idx)
         return out
     for h in found.heads:
         if h.name != name:
@@ -122,7 +124,10 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
     tensors = group_tensors(supernet, name)
     for w in supernet.discovery.widths:
         if w.name == name:
-            return [torch.arange(w.size) // w.multiple] * len(tensors)
+            # rows per unit: a grouped convolution's channels per group, times the features a flattened consumer
+            # reads per channel
+            return [torch.arange(getattr(mod, t).shape[dim]) // (getattr(mod, t).shape[dim] // w.size * w.multiple)
+                    for mod, t, dim, _ in tensors]
     spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
     d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
     ids = []

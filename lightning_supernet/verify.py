@@ -169,7 +169,7 @@ def _masked_groups(supernet: SupernetModule) -> dict[str, list[tuple[nn.Module, 
             continue
         if any(isinstance(model.get_submodule(p), nn.LayerNorm) for p in w.channelwise):
             continue  # slicing changes the normalisation statistics: not equal to removal by design
-        groups[w.name] = [(m, t, d, 1) for p in w.consumers for m, t, d in _in_port(model.get_submodule(p))]
+        groups[w.name] = [(m, t, d, w.scale(p)) for p in w.consumers for m, t, d in _in_port(model.get_submodule(p))]
     for h in found.heads:
         if h.name in dims:
             anchor = model.get_submodule(h.path) if h.path else model
