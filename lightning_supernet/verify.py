@@ -250,6 +250,10 @@ def verify_supernet(supernet: SupernetModule) -> dict[str, str]:
     groups = _masked_groups(supernet)
 
     def removal_differs(cfg: SubnetConfig) -> str | None:
+        # with every block kept, a dim may crash that the smallest subnet (with blocks skipped) never ran
+        crash = _describe_crash(runner, cfg, False)
+        if crash is not None:
+            return crash
         sliced = runner(cfg)
         with _removed(groups, cfg):
             removed = runner(largest)

@@ -154,3 +154,26 @@ def test_layouts_through_ops() -> None:
     assert through(torch.cat([x, x], 2).grad_fn, 0, Layout(1)) == Layout(1)
     assert "reduced over its channels" in through(x.amax(1).grad_fn, 0, Layout(1))
     assert "channels" in through(x.chunk(2, 1)[0].grad_fn, 0, Layout(1))
+
+
+# -- timm -------------------------------------------------------------------------------------------------------------
+timm = pytest.importorskip("timm")
+
+
+def test_timm_batchnorm_act_is_an_elastic_op_regnetx() -> None:
+    from lightning_supernet.elastic import ElasticBatchNormAct
+
+    sn = contract(timm.create_model("regnetx_002", pretrained=False, num_classes=10))
+    assert isinstance(sn.model.stem.bn, ElasticBatchNormAct)  # timm's BatchNorm + activation module, sliced
+    assert any(isinstance(sn.model.get_submodule(p), ElasticBatchNormAct) for w in sn.discovery.widths
+               for p in w.channelwise if sn.search_space.dims.get(w.name))
+    small = sn.extract(sn.search_space.smallest())
+    assert type(small.stem.bn).__name__ == "BatchNormAct2d" and small.stem.bn.num_features < 32
+
+
+def test_timm_edgenext_builds_and_its_cross_covariance_heads_stay_fixed_in_words() -> None:
+    x = X[:, :, :32, :32]
+    with pytest.warns(UserWarning, match=r"xca\.heads`: the subnet crashes in .*xca\.proj"):
+        sn = contract(timm.create_model("edgenext_xx_small", pretrained=False, num_classes=10), x)
+    assert not [n for n in sn.search_space.dims if n.endswith("xca.heads")]
+    assert any(n.endswith("mlp.fc1.width") for n in sn.search_space.dims)

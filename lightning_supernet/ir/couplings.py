@@ -85,7 +85,7 @@ class _Walker:
     def __init__(self, model: nn.Module, graph: ModuleGraph) -> None:
         self.graph = graph
         self.mods = dict(model.named_modules())
-        self.kinds = {c.path: _kind(self.mods[c.path]) for c in graph.calls if graph.modules[c.path].is_leaf}
+        self.kinds = {c.path: _kind(self.mods[c.path]) for c in graph.calls if graph.is_unit(c.path)}
 
     def _dim(self, path: str, rank: int) -> int:
         return op_for(self.mods[path]).channel_dim % max(rank, 1)

@@ -214,7 +214,7 @@ class _Kinds:
     def __init__(self, model: nn.Module, graph: ModuleGraph) -> None:
         self.graph = graph
         self.mods = dict(model.named_modules())
-        self.kinds = {c.path: module_kind(self.mods[c.path]) for c in graph.calls if graph.modules[c.path].is_leaf}
+        self.kinds = {c.path: module_kind(self.mods[c.path]) for c in graph.calls if graph.is_unit(c.path)}
 
     def owner(self, node: Any) -> Call | None:
         return self.graph.leaf_call_owning(node)
