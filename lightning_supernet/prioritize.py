@@ -82,9 +82,7 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
             perm[:, None] * w.multiple + torch.arange(w.multiple)).reshape(-1)
         for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
             for path in ports:
-                scale = w.scale(path) if port == "in" else 1  # a consumer after flatten: a run of features a channel
-                idx = index if index is None or scale == 1 else (index[:, None] * scale + torch.arange(scale)).reshape(-1)
-                out += _port_tensors(model.get_submodule(path), port, idx)
+                out += _port_tensors(model.get_submodule(path), port, _member_index(model, w, path, port, index))
         return out
     for h in found.heads:
         if h.name != name:
@@ -106,6 +104,21 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
     raise KeyError(f"no width or head group named `{name}`")
 
 
+def _member_index(model: nn.Module, w: Any, path: str, port: str, index: torch.Tensor | None) -> Any:
+    """The rows of member ``path`` that ``index`` (the group's rows) moves: a consumer after flatten reads a run of
+    features a channel; a consumer of a concatenation reads the group as one segment and keeps its other rows."""
+    if index is None or port != "in":
+        return index
+    scale, offset = w.scale(path), w.offset(path)
+    if scale != 1:
+        index = (index[:, None] * scale + torch.arange(scale)).reshape(-1)
+    if offset is not None:
+        mod = model.get_submodule(path)
+        full = op_for(mod).port_size(mod, "in")
+        index = torch.cat([torch.arange(offset), offset + index, torch.arange(offset + len(index), full)])
+    return index
+
+
 def _units(supernet: SupernetModule, name: str) -> int:
     """Channels of a width group (whole groups of a grouped convolution), or key/value head groups of a head group:
     the unit a permutation moves."""
@@ -125,9 +138,26 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
     for w in supernet.discovery.widths:
         if w.name == name:
             # rows per unit: a grouped convolution's channels per group, times the features a flattened consumer
-            # reads per channel
-            return [torch.arange(getattr(mod, t).shape[dim]) // (getattr(mod, t).shape[dim] // w.size * w.multiple)
-                    for mod, t, dim, _ in tensors]
+            # reads per channel; the rows of a concatenation's consumer outside the group's segment belong to no
+            # unit (-1)
+            units = torch.arange(w.size) // w.multiple
+            perm = torch.arange(w.size)
+            ids = []
+            for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
+                for path in ports:
+                    rows = _member_index(supernet.model, w, path, port, perm)
+                    mod = supernet.model.get_submodule(path)
+                    n_tensors = len(_port_tensors(mod, port, None))
+                    unit_of = torch.full((len(rows),), -1, dtype=torch.long)
+                    inside = rows.clone()
+                    if port == "in" and w.offset(path) is not None:
+                        inside = torch.arange(len(rows)) - w.offset(path)
+                        keep = (inside >= 0) & (inside < w.size * w.scale(path))
+                    else:
+                        keep = torch.ones(len(rows), dtype=torch.bool)
+                    unit_of[keep] = units[inside[keep] // w.scale(path) if port == "in" else inside[keep]]
+                    ids += [unit_of] * n_tensors
+            return ids
     spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
     d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
     ids = []
@@ -154,7 +184,8 @@ def _per_unit(supernet: SupernetModule, name: str, score_of: Any) -> torch.Tenso
         score = score_of(mod, tensor_name, dim)
         if score is None:
             continue
-        total.index_add_(0, ids, score.double().cpu())
+        keep = ids >= 0  # rows outside the group (a concatenation's other inputs) score for no unit
+        total.index_add_(0, ids[keep], score.double().cpu()[keep])
     return total
 
 

@@ -119,6 +119,31 @@ def test_shufflenet_head_is_elastic_and_the_shuffle_is_left_fixed_in_words() -> 
     assert "Backward" not in reasons  # words, not autograd node names
 
 
+def test_concatenated_branches_keep_their_own_widths_squeezenet() -> None:
+    sn = contract(torchvision.models.squeezenet1_0(num_classes=10))
+    dims = sn.search_space.dims
+    # Fire modules: expand1x1 and expand3x3 are concatenated; each branch is its own dim, read as one segment of
+    # the next squeeze conv's input
+    assert {"features.3.expand1x1.width", "features.3.expand3x3.width"} <= set(dims)
+    e1 = next(w for w in sn.discovery.widths if w.name == "features.3.expand1x1.width")
+    e3 = next(w for w in sn.discovery.widths if w.name == "features.3.expand3x3.width")
+    assert e1.offset("features.4.squeeze") == 0 and e3.offset("features.4.squeeze") == 64
+    small = sn.extract(sn.search_space.config({"features.3.expand1x1.width": 16, "features.3.expand3x3.width": 32}))
+    assert small.features[4].squeeze.in_channels == 48
+    full = sn.model.features[4].squeeze.weight
+    kept = torch.cat([full[:, :16], full[:, 64:96]], 1)  # the first 16 of branch 1, the first 32 of branch 2
+    torch.testing.assert_close(small.features[4].squeeze.weight, kept)
+
+
+def test_inception_branches_are_their_own_dims_googlenet() -> None:
+    model = torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=False)
+    sn = contract(model)
+    dims = sn.search_space.dims
+    assert {"inception5b.branch1.conv.width", "inception5b.branch4.1.conv.width"} <= set(dims)  # before the fc
+    w = next(w for w in sn.discovery.widths if w.name == "inception5b.branch4.1.conv.width")
+    assert w.offset("fc") == 384 + 384 + 128 and w.channelwise == ("inception5b.branch4.1.bn",)
+
+
 def test_a_reduction_over_channels_freezes_the_producer() -> None:
     class SpatialGate(nn.Module):  # CBAM-style: the gate is a mean over the channels
         def __init__(self) -> None:
@@ -150,7 +175,10 @@ def test_layouts_through_ops() -> None:
     assert through(F.interpolate(x, scale_factor=2).grad_fn, 0, Layout(1)) == Layout(1)
     shuffle = x.view(2, 2, 3, 4, 4).transpose(1, 2)
     assert "channel shuffle" in through(shuffle.grad_fn.next_functions[0][0], 0, Layout(1))
-    assert "concatenated" in through(torch.cat([x, x], 1).grad_fn, 0, Layout(1))
+    cat = torch.cat([x, x * 2], 1).grad_fn  # each input is a segment of the result's channels
+    assert through(cat, 1, Layout(1)) == Layout(1, 1, offset=6, span=6)
+    assert back_through(cat, Layout(1)) == [(0, Layout(1, 1, 0, 6)), (1, Layout(1, 1, 6, 6))]
+    assert "concatenated" in through(cat, 0, Layout(1, 16))  # after a flatten: not a segment of whole channels
     assert through(torch.cat([x, x], 2).grad_fn, 0, Layout(1)) == Layout(1)
     assert "reduced over its channels" in through(x.amax(1).grad_fn, 0, Layout(1))
     assert "channels" in through(x.chunk(2, 1)[0].grad_fn, 0, Layout(1))

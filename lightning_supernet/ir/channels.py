@@ -47,7 +47,8 @@ _NAME = re.compile(r"^(.*?)Backward\d*$")
 
 
 class Layout(NamedTuple):
-    """Where a tensor's channels are: dim ``dim`` (non-negative), each channel ``unit`` consecutive entries of it.
+    """Where a tensor's channels are: dim ``dim`` (non-negative), each channel ``unit`` consecutive entries of it;
+    after a concatenation along the channels, only the part ``[offset, offset + span)`` of that dim.
 
     Example:
         >>> Layout(1, 1).channels((2, 16, 8, 8))
@@ -56,10 +57,18 @@ class Layout(NamedTuple):
 
     dim: int
     unit: int = 1
+    #: channels concatenated with others along ``dim``: they are ``[offset, offset + span)`` of it (``span=0``:
+    #: the whole dim)
+    offset: int = 0
+    span: int = 0
+
+    def __repr__(self) -> str:
+        extra = f", offset={self.offset}, span={self.span}" if self.span else ""
+        return f"Layout(dim={self.dim}, unit={self.unit}{extra})"
 
     def channels(self, shape: tuple[int, ...]) -> int:
         """How many channels a tensor of ``shape`` holds in this layout."""
-        return shape[self.dim] // self.unit
+        return (self.span or shape[self.dim]) // self.unit
 
 
 def op_name(node: Any) -> str:
@@ -128,19 +137,19 @@ def through(node: Any, i: int, layout: Layout) -> Layout | str:
     shape_in, shape_out = in_shape(node, i), out_shape(node)
     if shape_in is None or shape_out is None:
         return "goes through an operation whose shapes autograd does not record"
-    d, unit = layout
+    d, unit = layout.dim, layout.unit
     if d >= len(shape_in):
         return "changes rank in a way the library cannot follow"
     if name in ELEMENTWISE or name == "Expand":
         e = d + len(shape_out) - len(shape_in)
         if e < 0 or shape_out[e] != shape_in[d]:
             return "is broadcast along its channels"
-        return Layout(e, unit)
+        return layout._replace(dim=e)
     spatial = _spatial_dims(node, name)
     if spatial is not None:
         if d >= len(shape_in) - spatial or len(shape_out) != len(shape_in) or shape_out[d] != shape_in[d]:
             return "is pooled, padded or resized along its channels"
-        return Layout(d, unit)
+        return layout._replace(dim=d)
     if name in _REDUCTIONS:
         if not hasattr(node, "_saved_dim"):
             return "is reduced to a single value (over its channels too)"
@@ -148,24 +157,32 @@ def through(node: Any, i: int, layout: Layout) -> Layout | str:
         if d in dims:
             return "is reduced over its channels (mean/sum/max over the channel dim)"
         keep = bool(getattr(node, "_saved_keepdim", False))
-        return Layout(d if keep else d - sum(r < d for r in dims), unit)
+        return layout._replace(dim=d if keep else d - sum(r < d for r in dims))
     if name in _VIEWS:
-        return _view_forward(shape_in, shape_out, layout)
+        mapped = _view_forward(shape_in, shape_out, layout)
+        if isinstance(mapped, Layout) and layout.span and mapped.unit != 1:
+            return "is concatenated with other tensors along its channels, then flattened with other dims"
+        return mapped
     if name in ("Permute", "Transpose", "T"):
         perm = _permutation(node, name, len(shape_in))
-        return Layout(perm.index(d), unit)
+        return layout._replace(dim=perm.index(d))
     if name in ("Cat", "Split", "SplitWithSizes", "Slice", "Narrow"):
-        if _dims(node._saved_dim, len(shape_in))[0] == d:
-            return {"Cat": "is concatenated with other tensors along its channels"}.get(
-                name, "is split or sliced along its channels")
-        return Layout(d, unit)
+        if _dims(node._saved_dim, len(shape_in))[0] != d:
+            return layout._replace(dim=d)
+        if name != "Cat":
+            return "is split or sliced along its channels"
+        before = [in_shape(node, j) for j in range(i)]
+        if unit != 1 or any(s is None for s in before):
+            return "is concatenated with other tensors along its channels after a reshape"
+        # each input of a concatenation keeps its own channels: a segment of the result's channel dim
+        return layout._replace(offset=layout.offset + sum(s[d] for s in before), span=layout.span or shape_in[d])
     if name in ("Stack", "Select", "Unbind"):
         dim = _dims(node._saved_dim, len(shape_out) if name == "Stack" else len(shape_in))[0]
         if name == "Stack":
-            return Layout(d + (dim <= d), unit)
+            return layout._replace(dim=d + (dim <= d))
         if dim == d:
             return "is split or indexed along its channels"
-        return Layout(d - (dim < d), unit)
+        return layout._replace(dim=d - (dim < d))
     return ""  # not a channel-preserving op: the caller words it
 
 
@@ -185,7 +202,7 @@ def back_through(node: Any, layout: Layout) -> list[tuple[int, Layout]] | str:
     shape_out = out_shape(node)
     if shape_out is None:
         return "goes through an operation whose shapes autograd does not record"
-    e, unit = layout
+    e, unit = layout.dim, layout.unit
     inputs = [(i, in_shape(node, i)) for i, (c, _) in enumerate(node.next_functions) if c is not None]
     if name in ELEMENTWISE or name == "Expand":
         found = []
@@ -194,7 +211,7 @@ def back_through(node: Any, layout: Layout) -> list[tuple[int, Layout]] | str:
                 return "goes through an operation whose shapes autograd does not record"
             d = e - len(shape_out) + len(shape)
             if d >= 0 and shape[d] == shape_out[e] and shape_out[e] > 1:
-                found.append((i, Layout(d, unit)))  # an operand broadcast along the channels holds none of them
+                found.append((i, layout._replace(dim=d)))  # an operand broadcast along the channels holds none
         return found
     if not inputs or inputs[0][1] is None:
         return "goes through an operation whose shapes autograd does not record"
@@ -203,7 +220,7 @@ def back_through(node: Any, layout: Layout) -> list[tuple[int, Layout]] | str:
     if spatial is not None:
         if e >= len(shape_out) - spatial or len(shape_out) != len(shape_in) or shape_out[e] != shape_in[e]:
             return "is pooled, padded or resized along its channels"
-        return [(inputs[0][0], Layout(e, unit))]
+        return [(inputs[0][0], layout._replace(dim=e))]
     if name in _REDUCTIONS:
         if not hasattr(node, "_saved_dim"):
             return "is a single value reduced from a whole tensor"
@@ -212,26 +229,33 @@ def back_through(node: Any, layout: Layout) -> list[tuple[int, Layout]] | str:
         kept = list(range(len(shape_in))) if keep else [j for j in range(len(shape_in)) if j not in dims]
         if kept[e] in dims:
             return "is reduced over its channels (mean/sum/max over the channel dim)"
-        return [(inputs[0][0], Layout(kept[e], unit))]
+        return [(inputs[0][0], layout._replace(dim=kept[e]))]
     if name in _VIEWS:
         mapped = _view_backward(shape_in, shape_out, layout)
+        if isinstance(mapped, Layout) and layout.span and mapped.unit != 1:
+            return "is concatenated from several tensors along its channels and flattened with other dims"
         return mapped if isinstance(mapped, str) else [(inputs[0][0], mapped)]
     if name in ("Permute", "Transpose", "T"):
-        return [(inputs[0][0], Layout(_permutation(node, name, len(shape_in))[e], unit))]
+        return [(inputs[0][0], layout._replace(dim=_permutation(node, name, len(shape_in))[e]))]
     if name in ("Cat", "Split", "SplitWithSizes", "Slice", "Narrow"):
-        rank = len(shape_out)
-        if _dims(node._saved_dim, rank)[0] == e:
-            return {"Cat": "is concatenated from several tensors along its channels"}.get(
-                name, "is split or sliced along its channels")
-        return [(i, Layout(e, unit)) for i, _ in inputs]
+        if _dims(node._saved_dim, len(shape_out))[0] != e:
+            return [(i, layout._replace(dim=e)) for i, _ in inputs]
+        if name != "Cat":
+            return "is split or sliced along its channels"
+        shapes = [in_shape(node, j) for j in range(len(node.next_functions))]
+        if unit != 1 or any(s is None for s in shapes):
+            return "is concatenated from several tensors along its channels, one of them a constant or reshaped"
+        # each input is its own segment of the reader's channels
+        offsets = [layout.offset + sum(s[e] for s in shapes[:j]) for j in range(len(shapes))]
+        return [(i, layout._replace(offset=offsets[i], span=shapes[i][e])) for i, _ in inputs]
     if name == "Stack":
         dim = _dims(node._saved_dim, len(shape_out))[0]
         if dim == e:
             return "is stacked from several tensors along its channels"
-        return [(i, Layout(e - (dim < e), unit)) for i, _ in inputs]
+        return [(i, layout._replace(dim=e - (dim < e))) for i, _ in inputs]
     if name in ("Select", "Unbind"):
         dim = _dims(node._saved_dim, len(shape_in))[0]
-        return [(inputs[0][0], Layout(e + (dim <= e), unit))]
+        return [(inputs[0][0], layout._replace(dim=e + (dim <= e)))]
     return ""
 
 
@@ -263,7 +287,7 @@ def _prefix(shape: tuple[int, ...]) -> list[int]:
 def _view_forward(shape_in: tuple[int, ...], shape_out: tuple[int, ...], layout: Layout) -> Layout | str:
     """A reshape keeps the row-major order: channel ``c`` of dim ``d`` is a run of ``unit * prod(in[d+1:])`` flat
     entries inside each of the ``prod(in[:d])`` outer slabs; find the output dim where that run starts a dim."""
-    d, unit = layout
+    d, unit = layout.dim, layout.unit
     pin, pout = _prefix(shape_in), _prefix(shape_out)
     outer, run = pin[d], unit * math.prod(shape_in[d + 1:])
     for e, size in enumerate(shape_out):
@@ -273,9 +297,9 @@ def _view_forward(shape_in: tuple[int, ...], shape_out: tuple[int, ...], layout:
         if run % below or size % (run // below):
             break
         new_unit = run // below
-        if size // new_unit != layout.channels(shape_in):
+        if size // new_unit != shape_in[d] // unit:
             break
-        return Layout(e, new_unit)
+        return layout._replace(dim=e, unit=new_unit)
     return ("is reshaped so that its channels spread over several dims (split into attention heads or groups, a channel "
             "shuffle)")
 
@@ -284,7 +308,7 @@ def _view_backward(shape_in: tuple[int, ...], shape_out: tuple[int, ...], layout
     """The inverse of :func:`_view_forward`: the input dim where the output's channel dim starts, the relative
     unit scaled by how many entries the reshape merged below it (``flatten``) or divided by the parts it split
     off (``unflatten``)."""
-    e, unit = layout
+    e, unit = layout.dim, layout.unit
     pin, pout = _prefix(shape_in), _prefix(shape_out)
     outer = pout[e]
     for d, size in enumerate(shape_in):
@@ -292,8 +316,8 @@ def _view_backward(shape_in: tuple[int, ...], shape_out: tuple[int, ...], layout
             continue
         merged, split = pout[e + 1], pin[d + 1]
         if merged >= split and merged % split == 0:
-            return Layout(d, unit * (merged // split))
+            return layout._replace(dim=d, unit=unit * (merged // split))
         if split % merged == 0 and unit % (split // merged) == 0:
-            return Layout(d, unit // (split // merged))
+            return layout._replace(dim=d, unit=unit // (split // merged))
         break
     return ("is reshaped from several dims merged into its channels (attention heads merged back, a channel shuffle)")

@@ -29,9 +29,20 @@ from lightning_supernet.ir.graph import Call, ModuleGraph
 from lightning_supernet.ir.words import op_in_words
 from lightning_supernet.ops import op_for
 
-__all__ = ["Couplings", "couple"]
+__all__ = ["Couplings", "couple", "segment_port"]
 
 Port = tuple[str, str]
+
+
+def segment_port(path: str, offset: int, span: int) -> Port:
+    """The input port of ``path`` for the channels ``[offset, offset + span)`` of a concatenation it reads
+    (``span=0``: its whole input, the plain ``"in"`` port).
+
+    Example:
+        >>> segment_port("fc", 8, 4), segment_port("fc", 0, 0)
+        (('fc', 'in@8+4'), ('fc', 'in'))
+    """
+    return (path, f"in@{offset}+{span}") if span else (path, "in")
 
 
 class Couplings:
@@ -81,6 +92,19 @@ class Couplings:
         return members
 
 
+class _Segment:
+    """What a backward walk found for one segment of the origin's channels."""
+
+    def __init__(self) -> None:
+        self.ports: set[Port] = set()
+        self.scales: set[int] = set()
+        self.why: str | None = None
+
+    @property
+    def scale(self) -> int | None:
+        return next(iter(self.scales)) if len(self.scales) == 1 else None
+
+
 class _Walker:
     def __init__(self, model: nn.Module, graph: ModuleGraph) -> None:
         self.graph = graph
@@ -93,46 +117,52 @@ class _Walker:
     def _describe(self, call: Call) -> str:
         return f"`{call.path}` ({self.graph.modules[call.path].cls_name})"
 
-    def back(self, start: Any, layout: Layout, origin: str, ports: set[Port]) -> tuple[int | None, str | None]:
-        """Ports reached backward from ``start`` (whose channels are in ``layout``); returns the origin's scale
-        (entries per channel it reads) and a reason if the walk hits something unsliceable."""
-        stack, seen, why, scales = [(start, layout)], set(), None, set()
+    def back(self, start: Any, layout: Layout, origin: str) -> dict[tuple[int, int], _Segment]:
+        """Ports reached backward from ``start`` (whose channels are in ``layout``), per segment of the origin's
+        channels (``(0, 0)``: all of them; ``(offset, span)``: one input of a concatenation along the channels),
+        each with the origin's scale (entries per channel it reads) and a reason if its walk hits something
+        unsliceable."""
+        stack, seen, segments = [(start, layout)], set(), {}
         while stack:
             node, lay = stack.pop()
             if node is None or (node, lay) in seen:
                 continue
             seen.add((node, lay))
+            seg = segments.setdefault((lay.offset, lay.span), _Segment())
             if node in self.graph.input_nodes:
-                why = why or "reaches a model input"
+                seg.why = seg.why or "reaches a model input"
                 continue
             if type(node).__name__ == "AccumulateGrad":
-                why = why or f"is multiplied/added with a parameter of shape {tuple(node.variable.shape)}"
+                seg.why = seg.why or f"is multiplied/added with a parameter of shape {tuple(node.variable.shape)}"
                 continue
             call = self.graph.leaf_call_owning(node)
             if call is not None and call.path != origin:
                 kind = self.kinds.get(call.path)
                 if node not in call.out_nodes or kind is None:
-                    why = why or f"passes through {self._describe(call)}"
+                    seg.why = seg.why or f"passes through {self._describe(call)}"
                 elif lay.dim != self._dim(call.path, len(call.out_shapes[0])):
-                    why = why or f"has its channels in another dim than {self._describe(call)} makes them"
+                    seg.why = seg.why or f"has its channels in another dim than {self._describe(call)} makes them"
                 elif kind == "channelwise":
-                    ports.add((call.path, "ch"))
-                    scales.add(lay.unit)
+                    seg.ports.add((call.path, "ch"))
+                    seg.scales.add(lay.unit)
                     if call.in_nodes:
-                        stack.append((call.in_nodes[0], Layout(self._dim(call.path, len(call.in_shapes[0])),
-                                                               lay.unit)))
+                        stack.append((call.in_nodes[0], lay._replace(dim=self._dim(call.path,
+                                                                                   len(call.in_shapes[0])))))
                 else:
-                    ports.add((call.path, "out"))
-                    scales.add(lay.unit)
+                    seg.ports.add((call.path, "out"))
+                    seg.scales.add(lay.unit)
                 continue
             result = back_through(node, lay)
             if isinstance(result, str):
-                why = why or result or op_in_words(node)
+                seg.why = seg.why or result or op_in_words(node)
                 continue
             stack.extend((node.next_functions[i][0], new) for i, new in result)
-        if len(scales) > 1:
-            why = why or f"reads its channels at different strides {sorted(scales)}"
-        return (scales.pop() if len(scales) == 1 else None), why
+        for seg in segments.values():
+            if len(seg.scales) > 1:
+                seg.why = seg.why or f"reads its channels at different strides {sorted(seg.scales)}"
+        # the walk passes through the whole reader's layout before it splits at a concatenation: keep what it found
+        return {key: seg for key, seg in segments.items()
+                if seg.ports or seg.why or (key == (0, 0) and len(segments) == 1)}
 
     def forward(self, start: Any, layout: Layout, origin: str, ports: dict[Port, int]) -> str | None:
         """Ports reached forward from ``start`` (whose channels are in ``layout``), each with the entries per
@@ -156,7 +186,9 @@ class _Walker:
                     elif lay.dim != self._dim(call.path, len(call.in_shapes[0])):
                         why = why or f"reaches {self._describe(call)} with its channels in another dim"
                     elif kind == "transform":
-                        ports[(call.path, "in")] = lay.unit
+                        ports[segment_port(call.path, lay.offset, lay.span)] = lay.unit
+                    elif lay.span:
+                        why = why or f"is concatenated with other tensors along its channels before {self._describe(call)}"
                     elif lay.unit != 1:
                         why = why or f"reaches {self._describe(call)} flattened with other dims"
                     else:
@@ -200,7 +232,6 @@ def couple(model: nn.Module, graph: ModuleGraph) -> Couplings:
         out_port = (call.path, "ch" if kind == "channelwise" else "out")
         in_port = (call.path, "ch" if kind == "channelwise" else "in")
         found.find(out_port)
-        found.find(in_port)
         reached: dict[Port, int] = {}
         why = walker.forward(call.out_nodes[0], Layout(walker._dim(call.path, len(call.out_shapes[0]))), call.path,
                              reached)
@@ -214,14 +245,24 @@ def couple(model: nn.Module, graph: ModuleGraph) -> Couplings:
         if start is None:
             found.freeze(in_port, f"`{call.path}` has no traced input")
             continue
-        back: set[Port] = set()
-        scale, why = walker.back(start, Layout(walker._dim(call.path, len(call.in_shapes[0]))), call.path, back)
-        for port in back:
-            found.union(in_port, port)
-        if scale is not None and kind == "transform":
-            found.scale(in_port, scale)
-        elif scale is not None and scale != 1:
-            why = why or "is flattened with other dims before it"
-        if why:
-            found.freeze(in_port, f"`{call.path}` {why}")
+        segments = walker.back(start, Layout(walker._dim(call.path, len(call.in_shapes[0]))), call.path)
+        split = [s for s in segments if s != (0, 0)]
+        if not split or kind != "transform" or (0, 0) in segments:
+            found.find(in_port)
+        if split and (kind != "transform" or (0, 0) in segments):
+            # a channel-wise module after a concatenation, or a reader mixing concatenated and whole channels
+            for seg in segments.values():
+                seg.why = seg.why or "is concatenated from several tensors along its channels"
+        for (offset, span), seg in segments.items():
+            port = in_port if (offset, span) == (0, 0) or seg.why and kind != "transform" else \
+                segment_port(call.path, offset, span)
+            for p in seg.ports:
+                found.union(port, p)
+            why = seg.why
+            if seg.scale is not None and kind == "transform":
+                found.scale(port, seg.scale)
+            elif seg.scale is not None and seg.scale != 1:
+                why = why or "is flattened with other dims before it"
+            if why:
+                found.freeze(port, f"`{call.path}` {why}")
     return found

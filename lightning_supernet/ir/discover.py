@@ -76,6 +76,8 @@ class WidthGroup:
         multiple: every active width is a multiple of this (a grouped convolution shrinks in whole groups).
         scales: ``(consumer, features per channel)`` for consumers that read each channel as several consecutive
             input features (a ``Linear`` after ``flatten`` of a ``[N, C, H, W]`` map: ``H*W``); 1 when not listed.
+        offsets: ``(consumer, offset)`` for consumers that read the group's channels as the segment
+            ``[offset, offset + size)`` of a concatenation along the channels (GoogLeNet, SqueezeNet).
 
     Example:
         >>> WidthGroup("fc1.width", 64, ("fc1",), ("fc2",), ()).members
@@ -92,10 +94,17 @@ class WidthGroup:
     block: str | None = None
     multiple: int = 1
     scales: tuple[tuple[str, int], ...] = ()
+    offsets: tuple[tuple[str, int], ...] = ()
 
     def scale(self, path: str) -> int:
         """Entries per channel member ``path`` reads or writes (1 but for flattened consumers)."""
         return dict(self.scales).get(path, 1)
+
+    def offset(self, path: str) -> int | None:
+        """Where this group's channels start in consumer ``path``'s input when it reads a concatenation along the
+        channels (each input of the concatenation is its own group, a segment of the consumer's input); ``None``:
+        the consumer reads the group's channels alone."""
+        return dict(self.offsets).get(path)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -253,13 +262,18 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
         ports.sort(key=lambda p: graph.modules[p[0]].calls[0])
         label = f"{ports[0][0]}.{ports[0][1]}"
         producers = tuple(p for p, k in ports if k == "out")
-        consumers = tuple(p for p, k in ports if k == "in")
+        consumers = tuple(p for p, k in ports if k.startswith("in"))
         channel = tuple(p for p, k in ports if k == "ch")
+        # a consumer of a concatenation reads this group's channels as one segment of its input: "in@offset+span"
+        offsets = tuple((p, int(k[3:].split("+")[0])) for p, k in ports if k.startswith("in@"))
+        spans = {(p, k): int(k.split("+")[1]) for p, k in ports if k.startswith("in@")}
         scales = {p: groups.scales.get(p, 1) for p in ports}
-        sizes = {_port_size(walker.mods[p], k) // scales[(p, k)] for p, k in ports}
+        sizes = {spans.get((p, k)) or _port_size(walker.mods[p], k) // scales[(p, k)] for p, k in ports}
         why = groups.reason.get(root)
-        if why is None and any(_port_size(walker.mods[p], k) % scales[(p, k)] for p, k in ports):
+        if why is None and any(_port_size(walker.mods[p], k.split('@')[0]) % scales[(p, k)] for p, k in ports):
             why = "is read flattened with dims it does not divide"
+        if why is None and len(set(consumers)) < len(consumers):
+            why = "is read twice by one module (concatenated with itself)"
         if why is None and (not producers or not consumers):
             why = "has no producer/consumer pair"
         if why is None and len(sizes) > 1:
@@ -274,13 +288,13 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
         if why:
             found.frozen[label] = why
             continue
-        multiple = math.lcm(*(_port_multiple(walker.mods[p], k) for p, k in ports))
+        multiple = math.lcm(*(_port_multiple(walker.mods[p], k.split('@')[0]) for p, k in ports))
         size = sizes.pop()
         if size % multiple:
             found.frozen[label] = f"its width {size} is not a multiple of its groups' size {multiple}"
             continue
         found.widths.append(WidthGroup(f"{producers[0]}.width", size, producers, consumers, channel, block,
-                                       multiple, tuple((p, s) for (p, _), s in scales.items() if s != 1)))
+                                       multiple, tuple((p, s) for (p, _), s in scales.items() if s != 1), offsets))
     found.heads = [replace(h, block=_enclosing_block(found.blocks, (h.path,))) for h in found.heads]
     return found
 
