@@ -205,3 +205,17 @@ def test_timm_edgenext_builds_and_its_cross_covariance_heads_stay_fixed_in_words
         sn = contract(timm.create_model("edgenext_xx_small", pretrained=False, num_classes=10), x)
     assert not [n for n in sn.search_space.dims if n.endswith("xca.heads")]
     assert any(n.endswith("mlp.fc1.width") for n in sn.search_space.dims)
+
+
+def test_timm_levit_extracts_after_an_eval_forward_with_autograd_on() -> None:
+    model = timm.create_model("levit_128s", pretrained=False, num_classes=10, img_size=64).eval()
+    sn = contract(model)
+    assert sum(d.kind == "width" for d in sn.search_space.dims.values()) >= 10
+    cfg = sn.search_space.smallest()
+    sn.model.eval()  # LeViT empties its cache on train()/eval()
+    with sn.subnet(cfg):
+        expected = sn(X)  # eval mode, autograd on: LeViT caches its attention biases as autograd results
+    assert any(t.grad_fn is not None for m in model.modules()
+               for t in getattr(m, "attention_bias_cache", {}).values())
+    small = sn.extract(cfg)  # deep-copies the cache as detached tensors instead of failing
+    torch.testing.assert_close(small(X), expected)
