@@ -119,6 +119,16 @@ def _member_index(model: nn.Module, w: Any, path: str, port: str, index: torch.T
     return index
 
 
+def _width_unit_ids(w: Any, path: str, port: str, rows: int) -> torch.Tensor:
+    """The channel (or group of a grouped convolution) each of the ``rows`` rows of member ``path`` belongs to; -1
+    for a concatenation consumer's rows outside the group's segment."""
+    inside = torch.arange(rows)
+    if port == "in":
+        inside = (inside - (w.offset(path) or 0)) // w.scale(path)
+    keep = (inside >= 0) & (inside < w.size)
+    return torch.where(keep, inside.clamp(0, w.size - 1) // w.multiple, -1)
+
+
 def _units(supernet: SupernetModule, name: str) -> int:
     """Channels of a width group (whole groups of a grouped convolution), or key/value head groups of a head group:
     the unit a permutation moves."""
@@ -140,24 +150,11 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
             # rows per unit: a grouped convolution's channels per group, times the features a flattened consumer
             # reads per channel; the rows of a concatenation's consumer outside the group's segment belong to no
             # unit (-1)
-            units = torch.arange(w.size) // w.multiple
-            perm = torch.arange(w.size)
-            ids = []
-            for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
-                for path in ports:
-                    rows = _member_index(supernet.model, w, path, port, perm)
-                    mod = supernet.model.get_submodule(path)
-                    n_tensors = len(_port_tensors(mod, port, None))
-                    unit_of = torch.full((len(rows),), -1, dtype=torch.long)
-                    inside = rows.clone()
-                    if port == "in" and w.offset(path) is not None:
-                        inside = torch.arange(len(rows)) - w.offset(path)
-                        keep = (inside >= 0) & (inside < w.size * w.scale(path))
-                    else:
-                        keep = torch.ones(len(rows), dtype=torch.bool)
-                    unit_of[keep] = units[inside[keep] // w.scale(path) if port == "in" else inside[keep]]
-                    ids += [unit_of] * n_tensors
-            return ids
+            members = {(id(supernet.model.get_submodule(path)), t, d): (path, port)
+                       for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch"))
+                       for path in ports for t, d in op_for(supernet.model.get_submodule(path)).ports[port].tensors}
+            return [_width_unit_ids(w, *members[(id(mod), t, d)], getattr(mod, t).shape[d])
+                    for mod, t, d, _ in tensors]
     spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
     d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
     ids = []
