@@ -219,3 +219,10 @@ def test_timm_levit_extracts_after_an_eval_forward_with_autograd_on() -> None:
                for t in getattr(m, "attention_bias_cache", {}).values())
     small = sn.extract(cfg)  # deep-copies the cache as detached tensors instead of failing
     torch.testing.assert_close(small(X), expected)
+
+
+def test_timm_linear_classifier_follows_the_head_channels_mobilenetv3() -> None:
+    sn = contract(timm.create_model("mobilenetv3_small_100", pretrained=False, num_classes=10), max_ratio=0.3)
+    assert "conv_head.width" in sn.search_space.dims  # conv_head -> act -> flatten -> timm's Linear classifier
+    small = sn.extract(sn.search_space.config({"conv_head.width": 256}))
+    assert small.classifier.in_features == 256 and type(small.classifier).__module__ == "timm.layers.linear"
