@@ -300,8 +300,8 @@ def _view_forward(shape_in: tuple[int, ...], shape_out: tuple[int, ...], layout:
         if size // new_unit != shape_in[d] // unit:
             break
         return layout._replace(dim=e, unit=new_unit)
-    return ("is reshaped so that its channels spread over several dims (split into attention heads or groups, a channel "
-            "shuffle)")
+    return ("is reshaped so that its channels spread over several dims (split into attention heads or groups, a "
+            "channel shuffle)")
 
 
 def _view_backward(shape_in: tuple[int, ...], shape_out: tuple[int, ...], layout: Layout) -> Layout | str:

@@ -188,7 +188,8 @@ class _Walker:
                     elif kind == "transform":
                         ports[segment_port(call.path, lay.offset, lay.span)] = lay.unit
                     elif lay.span:
-                        why = why or f"is concatenated with other tensors along its channels before {self._describe(call)}"
+                        why = why or ("is concatenated with other tensors along its channels before "
+                                      f"{self._describe(call)}")
                     elif lay.unit != 1:
                         why = why or f"reaches {self._describe(call)} flattened with other dims"
                     else:
