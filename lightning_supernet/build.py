@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from lightning_supernet.elastic import HeadSetter, SkippableBlock, guard_fast_paths, make_elastic
+from lightning_supernet.elastic.base import segment_ranges
 from lightning_supernet.errors import SearchSpaceError
 from lightning_supernet.ir.discover import Discovery
 from lightning_supernet.ops import op_for
@@ -97,20 +98,28 @@ class _WidthSetter:
     that lost its slicing.
     """
 
-    def __init__(self, model: nn.Module, targets: list[tuple[str, str]], full: int) -> None:
+    def __init__(self, model: nn.Module, targets: list[tuple[str, str]], full: int,
+                 scales: dict[str, int] | None = None, offsets: dict[str, int] | None = None) -> None:
         self.model, self.full = model, full
         self.targets = []
         for path, port in targets:
             op = op_for(elastic_module(model, path))
-            self.targets.append((path, op.ports[port].active, op.mixin))
+            scale = (scales or {}).get(path, 1) if port == "in" else 1
+            offset = (offsets or {}).get(path) if port == "in" else None
+            self.targets.append((path, op.ports[port].active, op.mixin, scale, offset))
 
     def __call__(self, value: int) -> None:
-        v = None if value == self.full else value
-        for path, attr, mixin in self.targets:
+        for path, attr, mixin, scale, offset in self.targets:
             mod = self.model.get_submodule(path)
             if not isinstance(mod, mixin):
                 mod = elastic_module(self.model, path)
-            setattr(mod, attr, v)
+            if offset is not None:  # one segment of a concatenation the consumer reads: keep its first `value`
+                segments = {**(mod.in_segments or {}), offset: (self.full, value)}
+                mod.in_segments = segments
+                setattr(mod, attr, segment_ranges(segments, op_for(mod).port_size(mod, "in")))
+                continue
+            # a consumer after flatten reads ``scale`` features a channel: it keeps the first value * scale
+            setattr(mod, attr, None if value == self.full else value * scale)
 
 
 class _KeepSetter:
@@ -157,7 +166,7 @@ def make_appliers(model: nn.Module, found: Discovery, space: SearchSpace) -> dic
                    for path in ports]
         for path, _ in targets:
             elastic_module(model, path)
-        appliers[w.name] = _WidthSetter(model, targets, w.size)
+        appliers[w.name] = _WidthSetter(model, targets, w.size, dict(w.scales), dict(w.offsets))
     for h in found.heads:
         if h.name in space.dims:
             appliers[h.name] = HeadSetter(model, h.path, h.spec)

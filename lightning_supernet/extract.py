@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from lightning_supernet.elastic.base import ElasticMixin
@@ -68,7 +69,7 @@ def extract_model(supernet: SupernetModule, cfg: SubnetConfig) -> nn.Module:
         2
     """
     with supernet.subnet(cfg):
-        small = copy.deepcopy(supernet.model)
+        small = copy.deepcopy(supernet.model, _detached_caches(supernet.model))
     skipped: dict[str, list[int]] = {}
     for path, mod in list(small.named_modules()):
         if isinstance(mod, SkippableBlock) and mod.skipped:
@@ -89,6 +90,30 @@ def extract_model(supernet: SupernetModule, cfg: SubnetConfig) -> nn.Module:
     for fn in _FINALIZERS:
         fn(small, cfg, supernet)
     return small
+
+
+def _detached_caches(model: nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo that copies tensors a module caches outside its parameters and buffers (timm LeViT's
+    ``attention_bias_cache``, filled by an eval-mode forward with autograd on) as detached copies: autograd results
+    cannot be deep-copied."""
+    memo: dict[int, Any] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.grad_fn is not None:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    for mod in model.modules():
+        for key, value in mod.__dict__.items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                visit(value)
+    return memo
 
 
 def _drop_children(root: nn.Module, path: str, names: set[str]) -> None:

@@ -82,7 +82,7 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
             perm[:, None] * w.multiple + torch.arange(w.multiple)).reshape(-1)
         for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch")):
             for path in ports:
-                out += _port_tensors(model.get_submodule(path), port, index)
+                out += _port_tensors(model.get_submodule(path), port, _member_index(model, w, path, port, index))
         return out
     for h in found.heads:
         if h.name != name:
@@ -104,6 +104,31 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
     raise KeyError(f"no width or head group named `{name}`")
 
 
+def _member_index(model: nn.Module, w: Any, path: str, port: str, index: torch.Tensor | None) -> Any:
+    """The rows of member ``path`` that ``index`` (the group's rows) moves: a consumer after flatten reads a run of
+    features a channel; a consumer of a concatenation reads the group as one segment and keeps its other rows."""
+    if index is None or port != "in":
+        return index
+    scale, offset = w.scale(path), w.offset(path)
+    if scale != 1:
+        index = (index[:, None] * scale + torch.arange(scale)).reshape(-1)
+    if offset is not None:
+        mod = model.get_submodule(path)
+        full = op_for(mod).port_size(mod, "in")
+        index = torch.cat([torch.arange(offset), offset + index, torch.arange(offset + len(index), full)])
+    return index
+
+
+def _width_unit_ids(w: Any, path: str, port: str, rows: int) -> torch.Tensor:
+    """The channel (or group of a grouped convolution) each of the ``rows`` rows of member ``path`` belongs to; -1
+    for a concatenation consumer's rows outside the group's segment."""
+    inside = torch.arange(rows)
+    if port == "in":
+        inside = (inside - (w.offset(path) or 0)) // w.scale(path)
+    keep = (inside >= 0) & (inside < w.size)
+    return torch.where(keep, inside.clamp(0, w.size - 1) // w.multiple, -1)
+
+
 def _units(supernet: SupernetModule, name: str) -> int:
     """Channels of a width group (whole groups of a grouped convolution), or key/value head groups of a head group:
     the unit a permutation moves."""
@@ -122,7 +147,14 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
     tensors = group_tensors(supernet, name)
     for w in supernet.discovery.widths:
         if w.name == name:
-            return [torch.arange(w.size) // w.multiple] * len(tensors)
+            # rows per unit: a grouped convolution's channels per group, times the features a flattened consumer
+            # reads per channel; the rows of a concatenation's consumer outside the group's segment belong to no
+            # unit (-1)
+            members = {(id(supernet.model.get_submodule(path)), t, d): (path, port)
+                       for ports, port in ((w.producers, "out"), (w.consumers, "in"), (w.channelwise, "ch"))
+                       for path in ports for t, d in op_for(supernet.model.get_submodule(path)).ports[port].tensors}
+            return [_width_unit_ids(w, *members[(id(mod), t, d)], getattr(mod, t).shape[d])
+                    for mod, t, d, _ in tensors]
     spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
     d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
     ids = []
@@ -149,7 +181,8 @@ def _per_unit(supernet: SupernetModule, name: str, score_of: Any) -> torch.Tenso
         score = score_of(mod, tensor_name, dim)
         if score is None:
             continue
-        total.index_add_(0, ids, score.double().cpu())
+        keep = ids >= 0  # rows outside the group (a concatenation's other inputs) score for no unit
+        total.index_add_(0, ids[keep], score.double().cpu()[keep])
     return total
 
 

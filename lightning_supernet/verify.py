@@ -159,21 +159,26 @@ def _smallest_value(space: Any, name: str) -> Any:
     return space.dims[name].smallest
 
 
-def _masked_groups(supernet: SupernetModule) -> dict[str, list[tuple[nn.Module, str, int, int]]]:
-    """For each width/head dim checkable by removal: ``(module, tensor, dim, units per step)`` of the input
-    columns its consumers read (zeroing columns ``k*units:`` removes the channels or heads beyond ``k``)."""
+def _masked_groups(supernet: SupernetModule) -> dict[str, list[tuple[nn.Module, str, int, int, int, int | None]]]:
+    """For each width/head dim checkable by removal: ``(module, tensor, dim, units per step, offset, end)`` of the
+    input columns its consumers read (zeroing columns ``offset + k*units`` to ``end`` removes the channels or heads
+    beyond ``k``; ``end=None``: the whole dim; a consumer of a concatenation reads the group as one segment)."""
     found, dims, model = supernet.discovery, supernet.search_space.dims, supernet.model
-    groups: dict[str, list[tuple[nn.Module, str, int, int]]] = {}
+    groups: dict[str, list[tuple[nn.Module, str, int, int, int, int | None]]] = {}
     for w in found.widths:
         if w.name not in dims:
             continue
         if any(isinstance(model.get_submodule(p), nn.LayerNorm) for p in w.channelwise):
             continue  # slicing changes the normalisation statistics: not equal to removal by design
-        groups[w.name] = [(m, t, d, 1) for p in w.consumers for m, t, d in _in_port(model.get_submodule(p))]
+        groups[w.name] = [
+            (m, t, d, w.scale(p), w.offset(p) or 0, None if w.offset(p) is None else w.offset(p) + w.size)
+            for p in w.consumers for m, t, d in _in_port(model.get_submodule(p))
+        ]
     for h in found.heads:
         if h.name in dims:
             anchor = model.get_submodule(h.path) if h.path else model
-            groups[h.name] = [(m, t, d, h.spec.head_dim) for m, t, d in _in_port(anchor.get_submodule(h.spec.o))]
+            groups[h.name] = [(m, t, d, h.spec.head_dim, 0, None)
+                              for m, t, d in _in_port(anchor.get_submodule(h.spec.o))]
     return groups
 
 
@@ -188,17 +193,17 @@ def _removed(groups: Mapping[str, list], cfg: Mapping[str, Any]) -> Iterator[Non
     saved = []
     with torch.no_grad():
         for name, members in groups.items():
-            for mod, tensor_name, dim, unit in members:
+            for mod, tensor_name, dim, unit, offset, end in members:
                 t = getattr(mod, tensor_name)
-                keep = cfg[name] * unit
-                if keep < t.shape[dim]:
+                keep, end = offset + cfg[name] * unit, t.shape[dim] if end is None else end
+                if keep < end:
                     saved.append((t, t.detach().clone()))
-                    t.narrow(dim, keep, t.shape[dim] - keep).zero_()
+                    t.narrow(dim, keep, end - keep).zero_()
     try:
         yield
     finally:
         with torch.no_grad():
-            for t, value in saved:
+            for t, value in reversed(saved):  # a consumer of a concatenation is saved once per segment
                 t.copy_(value)
 
 
@@ -250,6 +255,10 @@ def verify_supernet(supernet: SupernetModule) -> dict[str, str]:
     groups = _masked_groups(supernet)
 
     def removal_differs(cfg: SubnetConfig) -> str | None:
+        # with every block kept, a dim may crash that the smallest subnet (with blocks skipped) never ran
+        crash = _describe_crash(runner, cfg, False)
+        if crash is not None:
+            return crash
         sliced = runner(cfg)
         with _removed(groups, cfg):
             removed = runner(largest)

@@ -128,7 +128,35 @@ def _conv1d_case() -> Case | None:
                 full_shape=(3, 12), active_shape=(3, 8), size_attrs={"nx": 8, "nf": 6})
 
 
-CASES += [c for c in (_conv1d_case(),) if c is not None]
+def _batchnorm_act_case() -> Case | None:
+    """timm's ``BatchNormAct2d`` (BatchNorm, then its own activation): only when ``timm`` is installed."""
+    try:
+        from timm.layers import BatchNormAct2d
+    except ImportError:
+        return None
+    from lightning_supernet.elastic import ElasticBatchNormAct
+
+    return Case("timm_batchnorm_act2d", lambda: BatchNormAct2d(8, act_layer=nn.SiLU),
+                lambda: BatchNormAct2d(5, act_layer=nn.SiLU), ElasticBatchNormAct,
+                active={"active_num_features": 5},
+                index={"weight": (range(5),), "bias": (range(5),), "running_mean": (range(5),),
+                       "running_var": (range(5),)},
+                full_shape=(4, 8, 3, 3), active_shape=(4, 5, 3, 3), size_attrs={"num_features": 5})
+
+
+def _timm_linear_case() -> Case | None:
+    """timm's ``Linear`` (an ``nn.Linear`` with a TorchScript cast): only when ``timm`` is installed."""
+    try:
+        from timm.layers import Linear
+    except ImportError:
+        return None
+    return Case("timm_linear", lambda: Linear(12, 10), lambda: Linear(8, 6), ElasticLinear,
+                active={"active_in_features": 8, "active_out_features": 6},
+                index={"weight": (range(6), range(8)), "bias": (range(6),)},
+                full_shape=(3, 12), active_shape=(3, 8), size_attrs={"in_features": 8, "out_features": 6})
+
+
+CASES += [c for c in (_conv1d_case(), _batchnorm_act_case(), _timm_linear_case()) if c is not None]
 
 
 def test_every_registered_op_has_a_contract_case():

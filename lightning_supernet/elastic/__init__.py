@@ -2,8 +2,9 @@
 
 Each op is one file that declares its mixin and registers it (:func:`lightning_supernet.ops.register_op`):
 ``linear.py`` (``nn.Linear``), ``conv.py`` (dense, depthwise and grouped ``nn.Conv2d``), ``norm.py`` (BatchNorm,
-SyncBatchNorm, LayerNorm), ``conv1d.py`` (GPT-2's ``Conv1D``), ``attention.py`` (``nn.MultiheadAttention`` and the
-head setter), ``depth.py`` (skippable blocks), ``fastpath.py`` (guards for fused fast paths).
+SyncBatchNorm, LayerNorm), ``norm_act.py`` and ``timm_linear.py`` (timm's ``BatchNormAct2d`` and ``Linear``),
+``conv1d.py`` (GPT-2's ``Conv1D``), ``attention.py`` (``nn.MultiheadAttention`` and the head setter), ``depth.py``
+(skippable blocks), ``fastpath.py`` (guards for fused fast paths).
 
 Example:
     >>> import torch.nn as nn
@@ -20,12 +21,14 @@ from lightning_supernet.elastic.depth import SkippableBlock
 from lightning_supernet.elastic.fastpath import FastPathGuard, guard_fast_paths, register_fast_path
 from lightning_supernet.elastic.linear import ElasticLinear
 from lightning_supernet.elastic.norm import ElasticBatchNorm, ElasticLayerNorm
+from lightning_supernet.elastic.norm_act import ElasticBatchNormAct
+from lightning_supernet.elastic.timm_linear import TIMM_LINEAR  # noqa: F401 - registers timm's Linear
 from lightning_supernet.elastic.registry import is_elastic, make_elastic, original_class, restore
 from lightning_supernet.ir.heads import HeadSpec, find_head_spec, register_head_adapter
 from lightning_supernet.ops import op_for
 
 __all__ = [
-    "ElasticBatchNorm", "ElasticConv1D", "ElasticConv2d", "ElasticLayerNorm", "ElasticLinear",
+    "ElasticBatchNorm", "ElasticBatchNormAct", "ElasticConv1D", "ElasticConv2d", "ElasticLayerNorm", "ElasticLinear",
     "ElasticMultiheadAttention", "FastPathGuard", "HeadSetter", "HeadSpec", "PrunedMultiheadAttention",
     "SkippableBlock", "find_head_spec", "guard_fast_paths", "is_elastic", "make_elastic", "mixin_for",
     "original_class", "register_fast_path", "register_head_adapter", "restore",

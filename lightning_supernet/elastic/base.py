@@ -17,11 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ElasticMixin", "slice_dim"]
+__all__ = ["ElasticMixin", "segment_ranges", "slice_dim"]
+
+Ranges = tuple[tuple[int, int], ...]
 
 
-def slice_dim(t: torch.Tensor, dim: int, k: int | None, blocks: int = 1) -> torch.Tensor:
-    """The first ``k`` entries along ``dim`` (of each of ``blocks`` equal parts); ``k=None`` keeps all.
+def slice_dim(t: torch.Tensor, dim: int, k: int | Ranges | None, blocks: int = 1) -> torch.Tensor:
+    """The first ``k`` entries along ``dim`` (of each of ``blocks`` equal parts); ``k=None`` keeps all; ``k`` a
+    tuple of ``(start, length)`` ranges keeps those (the kept channels of each input of a concatenation).
 
     A plain prefix is a view (no copy); a multi-block slice of a dim that is not the full size makes one
     contiguous copy of the weight (tiny next to the matmul it feeds).
@@ -35,14 +38,50 @@ def slice_dim(t: torch.Tensor, dim: int, k: int | None, blocks: int = 1) -> torc
     Example:
         >>> slice_dim(torch.ones(4, 3), 1, 2).shape
         torch.Size([4, 2])
+        >>> slice_dim(torch.arange(6), 0, ((0, 1), (3, 2))).tolist()
+        [0, 3, 4]
     """
     size = t.shape[dim]
+    if isinstance(k, tuple):
+        return torch.cat([t.narrow(dim, start, length) for start, length in k], dim)
     if k is None or k * blocks == size:
         return t
     if blocks == 1:
         return t.narrow(dim, 0, k)
     parts = t.unflatten(dim, (blocks, size // blocks))
     return parts.narrow(dim + 1, 0, k).flatten(dim, dim + 1)
+
+
+def segment_ranges(segments: dict[int, tuple[int, int]], full: int) -> int | Ranges | None:
+    """The kept entries of a dim made of segments (``offset -> (size, kept)``; entries outside every segment are
+    kept): ``None`` if all are kept, ``k`` if they are a prefix, else ``(start, length)`` ranges.
+
+    Example:
+        >>> segment_ranges({0: (4, 2), 4: (6, 6)}, 10), segment_ranges({0: (4, 4)}, 10)
+        (((0, 2), (4, 6)), None)
+        >>> segment_ranges({4: (6, 3)}, 10)
+        7
+    """
+    ranges: list[list[int]] = []
+    pos = 0
+    for offset, (size, kept) in sorted(segments.items()):
+        parts = ([pos, offset - pos],) if offset > pos else ()
+        for start, length in (*parts, [offset, kept]):
+            if length and ranges and ranges[-1][0] + ranges[-1][1] == start:
+                ranges[-1][1] += length
+            elif length:
+                ranges.append([start, length])
+        pos = offset + size
+    if pos < full:
+        if ranges and ranges[-1][0] + ranges[-1][1] == pos:
+            ranges[-1][1] += full - pos
+        else:
+            ranges.append([pos, full - pos])
+    if ranges == [[0, full]]:
+        return None
+    if len(ranges) == 1 and ranges[0][0] == 0:
+        return ranges[0][1]
+    return tuple((s, n) for s, n in ranges)
 
 
 class ElasticMixin:

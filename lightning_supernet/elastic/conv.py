@@ -50,6 +50,8 @@ class ElasticConv2d(ElasticMixin):
 
     Attributes:
         active_in_channels: input channels used (``None``: all). Unused for grouped convs.
+        in_segments: when the input is a concatenation along the channels, ``offset -> (size, kept)`` of each
+            input that shrinks (``active_in_channels`` is then the kept ``(start, length)`` ranges).
         active_out_channels: output channels used (``None``: all); for a grouped conv also the input channels,
             a multiple of the channels per group.
 
@@ -61,7 +63,7 @@ class ElasticConv2d(ElasticMixin):
         torch.Size([1, 2, 3, 3])
     """
 
-    _elastic_attrs = ("active_in_channels", "active_out_channels")
+    _elastic_attrs = ("active_in_channels", "active_out_channels", "in_segments")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Conv2d's name
         weight = self.active_tensor("weight", self.weight)

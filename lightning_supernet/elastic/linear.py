@@ -28,6 +28,8 @@ class ElasticLinear(ElasticMixin):
     Attributes:
         active_in_features: input features used, or ``None`` for all.
         active_out_features: output features used per block, or ``None`` for all.
+        in_segments: when the input is a concatenation along the features, ``offset -> (size, kept)`` of each
+            input that shrinks (``active_in_features`` is then the kept ranges).
         out_blocks: the output dim is this many equal blocks (3 for a fused q/k/v projection), each sliced to
             its first ``active_out_features`` rows.
 
@@ -40,7 +42,7 @@ class ElasticLinear(ElasticMixin):
         torch.Size([6, 4])
     """
 
-    _elastic_attrs = ("active_in_features", "active_out_features", "out_blocks")
+    _elastic_attrs = ("active_in_features", "active_out_features", "out_blocks", "in_segments")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's name
         weight = self.active_tensor("weight", self.weight)

@@ -62,6 +62,11 @@ def check_discovery(model: nn.Module, graph: ModuleGraph, found: Discovery) -> N
             for p in ports:
                 op = op_for(mods[p])
                 size = op.port_size(mods[p], port) if op is not None and port in op.ports else None
+                if size is not None and size % w.scale(p) == 0:
+                    size //= w.scale(p)  # a consumer reading each channel as several features (after flatten)
+                offset = w.offset(p) if port == "in" else None
+                if size is not None and offset is not None and offset + w.size <= size:
+                    size = w.size  # a consumer reading the group as one segment of a concatenation
                 if size != w.size:
                     raise DiscoveryError(f"width group `{w.name}`: `{p}` has {size} on its {port} port, the group "
                                          f"has {w.size}")

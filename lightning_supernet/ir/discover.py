@@ -2,12 +2,14 @@
 
 No model-specific code: everything comes from the IR (:mod:`lightning_supernet.ir.graph`).
 
-* **Width groups** (the DepGraph idea): walk the autograd graph backward from every consumer's input and forward
-  from every producer's output through channel-preserving element-wise ops (activations, dropout, gating
-  products). Producers (``Linear``/``Conv2d`` outputs), consumers (their inputs) and channel-wise modules
-  (BatchNorm, depthwise conv, LayerNorm) reached together form one group and shrink together. A group that
-  touches anything else (a reshape, a concat, a per-channel parameter, a residual stream that reaches the
-  model's input, the model's output) is frozen, with the reason kept.
+* **Width groups** (the DepGraph idea, :mod:`lightning_supernet.ir.couplings`): walk the autograd graph backward
+  from every consumer's input and forward from every producer's output, following the channels through the
+  operations between modules (activations, gating products, pooling, spatial means, ``flatten``, permutes:
+  :mod:`lightning_supernet.ir.channels`). Producers (``Linear``/``Conv2d`` outputs), consumers (their inputs) and
+  channel-wise modules (BatchNorm, depthwise conv, LayerNorm) reached together form one group and shrink together.
+  A group that touches anything else (a reshape that mixes channels with other dims, a concat along the channels,
+  a per-channel parameter, a residual stream that reaches the model's input, the model's output) is frozen, with
+  the reason kept.
 * **Heads** through the head adapters (:mod:`lightning_supernet.ir.heads`).
 * **Skippable blocks** (module-wise pruning by edge contraction): members of a ``ModuleList``/``Sequential``
   called once, whose output has the input's shape, with an identity path from output back to input (a residual
@@ -31,18 +33,13 @@ from typing import Any
 
 from torch import nn
 
+from lightning_supernet.ir.couplings import couple
 from lightning_supernet.ir.graph import Call, ModuleGraph, seq_nr
 from lightning_supernet.ir.heads import HeadSpec, find_head_specs, looks_like_attention
 from lightning_supernet.ops import op_for
-from lightning_supernet.ir.words import op_in_words
 
 __all__ = ["Discovery", "HeadGroup", "SkipBlock", "WidthGroup", "discover", "module_kind"]
 
-_ELEMENTWISE = {
-    "Relu", "Gelu", "Silu", "Tanh", "Sigmoid", "Hardswish", "Hardsigmoid", "Hardtanh", "LeakyRelu", "Elu",
-    "Mish", "Softplus", "Threshold", "Mul", "Add", "Sub", "Div", "Neg", "Rsub", "Pow", "Exp", "Sqrt", "Abs",
-    "NativeDropout", "Clone", "ToCopy", "Clamp", "ClampMin", "ClampMax", "Alias", "Erf", "Prelu", "Glu_never",
-}
 _NAME = re.compile(r"^(.*?)Backward\d*$")
 
 
@@ -50,11 +47,6 @@ def _op_name(node: Any) -> str:
     """``AddBackward0`` -> ``Add``."""
     m = _NAME.match(type(node).__name__)
     return m.group(1) if m else ""
-
-
-def _is_elementwise(node: Any) -> bool:
-    m = _NAME.match(type(node).__name__)
-    return bool(m) and m.group(1) in _ELEMENTWISE
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -82,10 +74,16 @@ class WidthGroup:
         channelwise: BatchNorm/LayerNorm/depthwise modules sliced along the group.
         block: the enclosing skippable block, if any (a skipped block makes the width irrelevant).
         multiple: every active width is a multiple of this (a grouped convolution shrinks in whole groups).
+        scales: ``(consumer, features per channel)`` for consumers that read each channel as several consecutive
+            input features (a ``Linear`` after ``flatten`` of a ``[N, C, H, W]`` map: ``H*W``); 1 when not listed.
+        offsets: ``(consumer, offset)`` for consumers that read the group's channels as the segment
+            ``[offset, offset + size)`` of a concatenation along the channels (GoogLeNet, SqueezeNet).
 
     Example:
         >>> WidthGroup("fc1.width", 64, ("fc1",), ("fc2",), ()).members
         ('fc1', 'fc2')
+        >>> WidthGroup("conv.width", 8, ("conv",), ("fc",), (), scales=(("fc", 16),)).scale("fc")
+        16
     """
 
     name: str
@@ -95,6 +93,18 @@ class WidthGroup:
     channelwise: tuple[str, ...]
     block: str | None = None
     multiple: int = 1
+    scales: tuple[tuple[str, int], ...] = ()
+    offsets: tuple[tuple[str, int], ...] = ()
+
+    def scale(self, path: str) -> int:
+        """Entries per channel member ``path`` reads or writes (1 but for flattened consumers)."""
+        return dict(self.scales).get(path, 1)
+
+    def offset(self, path: str) -> int | None:
+        """Where this group's channels start in consumer ``path``'s input when it reads a concatenation along the
+        channels (each input of the concatenation is its own group, a segment of the consumer's input); ``None``:
+        the consumer reads the group's channels alone."""
+        return dict(self.offsets).get(path)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -207,98 +217,16 @@ class Discovery:
         )
 
 
-class _Groups:
-    """Union-find over ports ``(path, "out"|"in"|"ch")`` with a 'frozen because' reason per set."""
+class _Kinds:
+    """The registered role of every traced leaf module, and which leaf call owns an autograd node."""
 
-    def __init__(self) -> None:
-        self.parent: dict[tuple[str, str], tuple[str, str]] = {}
-        self.reason: dict[tuple[str, str], str] = {}
-
-    def find(self, p: tuple[str, str]) -> tuple[str, str]:
-        self.parent.setdefault(p, p)
-        while self.parent[p] != p:
-            self.parent[p] = self.parent[self.parent[p]]
-            p = self.parent[p]
-        return p
-
-    def union(self, a: tuple[str, str], b: tuple[str, str]) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[rb] = ra
-            if rb in self.reason:
-                self.reason.setdefault(ra, self.reason.pop(rb))
-
-    def freeze(self, p: tuple[str, str], why: str) -> None:
-        self.reason.setdefault(self.find(p), why)
-
-
-class _Walker:
     def __init__(self, model: nn.Module, graph: ModuleGraph) -> None:
         self.graph = graph
         self.mods = dict(model.named_modules())
-        self.kinds = {c.path: module_kind(self.mods[c.path]) for c in graph.calls if graph.modules[c.path].is_leaf}
+        self.kinds = {c.path: module_kind(self.mods[c.path]) for c in graph.calls if graph.is_unit(c.path)}
 
     def owner(self, node: Any) -> Call | None:
         return self.graph.leaf_call_owning(node)
-
-    def back(self, start: Any, ports: set, origin: str) -> str | None:
-        """Ports reached backward from ``start``; returns a reason if the walk hits something unsliceable."""
-        stack, seen, why = [start], set(), None
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if node in self.graph.input_nodes:
-                why = why or "reaches a model input"
-                continue
-            if type(node).__name__ == "AccumulateGrad":
-                if node.variable.numel() > 1:
-                    why = why or f"multiplied/added with a parameter of shape {tuple(node.variable.shape)}"
-                continue
-            call = self.owner(node)
-            if call is not None and call.path != origin:
-                kind = self.kinds.get(call.path)
-                if node not in call.out_nodes or kind is None:
-                    why = why or f"passes through `{call.path}` ({self.graph.modules[call.path].cls_name})"
-                elif kind == "channelwise":
-                    ports.add((call.path, "ch"))
-                    stack.extend(call.in_nodes[:1])
-                else:
-                    ports.add((call.path, "out"))
-                continue
-            if _is_elementwise(node):
-                stack.extend(n for n, _ in node.next_functions)
-            else:
-                why = why or op_in_words(node)
-        return why
-
-    def forward(self, start: Any, ports: set, origin: str) -> str | None:
-        """Ports reached forward from ``start``; returns a reason if the walk hits something unsliceable."""
-        stack, seen, why = [start], set(), None
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            if node in self.graph.output_nodes:
-                why = why or "is the model's output"
-            for parent in self.graph.parents.get(node, ()):
-                call = self.owner(parent)
-                if call is not None and call.path != origin:
-                    kind = self.kinds.get(call.path)
-                    if kind == "transform":
-                        ports.add((call.path, "in"))
-                    elif kind == "channelwise":
-                        ports.add((call.path, "ch"))
-                        stack.extend(call.out_nodes[:1])
-                    else:
-                        why = why or f"feeds `{call.path}` ({self.graph.modules[call.path].cls_name})"
-                elif call is None and _is_elementwise(parent):
-                    stack.append(parent)
-                elif call is None:
-                    why = why or op_in_words(parent)
-        return why
 
 
 def _port_size(mod: nn.Module, port: str) -> int:
@@ -325,37 +253,27 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
         []
     """
     found = Discovery(order={path: i for i, path in enumerate(graph.modules)})
-    walker = _Walker(model, graph)
-    groups = _Groups()
-    for call in graph.calls:
-        kind = walker.kinds.get(call.path)
-        if kind not in ("transform", "channelwise") or not call.out_nodes:
-            continue
-        out_port = (call.path, "ch" if kind == "channelwise" else "out")
-        in_port = (call.path, "ch" if kind == "channelwise" else "in")
-        for start, port, walk in ((call.out_nodes[0], out_port, walker.forward),
-                                  (call.in_nodes[0] if call.in_nodes else None, in_port, walker.back)):
-            ports: set = set()
-            why = walk(start, ports, call.path) if start is not None else "has no traced input"
-            groups.find(port)
-            for p in ports:
-                groups.union(port, p)
-            if why:
-                groups.freeze(port, f"`{call.path}` {why}")
+    walker = _Kinds(model, graph)
+    groups = couple(model, graph)
     found.blocks, found.stacks = _skippable_blocks(model, graph, walker)
     _head_groups(model, graph, found)
     claimed = {_join(h.path, p) for h in found.heads for p in h.spec.paths}
-    members: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    for port in list(groups.parent):
-        members.setdefault(groups.find(port), []).append(port)
-    for root, ports in members.items():
+    for root, ports in groups.groups().items():
         ports.sort(key=lambda p: graph.modules[p[0]].calls[0])
         label = f"{ports[0][0]}.{ports[0][1]}"
         producers = tuple(p for p, k in ports if k == "out")
-        consumers = tuple(p for p, k in ports if k == "in")
+        consumers = tuple(p for p, k in ports if k.startswith("in"))
         channel = tuple(p for p, k in ports if k == "ch")
-        sizes = {_port_size(walker.mods[p], k) for p, k in ports}
+        # a consumer of a concatenation reads this group's channels as one segment of its input: "in@offset+span"
+        offsets = tuple((p, int(k[3:].split("+")[0])) for p, k in ports if k.startswith("in@"))
+        spans = {(p, k): int(k.split("+")[1]) for p, k in ports if k.startswith("in@")}
+        scales = {p: groups.scales.get(p, 1) for p in ports}
+        sizes = {spans.get((p, k)) or _port_size(walker.mods[p], k) // scales[(p, k)] for p, k in ports}
         why = groups.reason.get(root)
+        if why is None and any(_port_size(walker.mods[p], k.split('@')[0]) % scales[(p, k)] for p, k in ports):
+            why = "is read flattened with dims it does not divide"
+        if why is None and len(set(consumers)) < len(consumers):
+            why = "is read twice by one module (concatenated with itself)"
         if why is None and (not producers or not consumers):
             why = "has no producer/consumer pair"
         if why is None and len(sizes) > 1:
@@ -370,13 +288,13 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
         if why:
             found.frozen[label] = why
             continue
-        multiple = math.lcm(*(_port_multiple(walker.mods[p], k) for p, k in ports))
+        multiple = math.lcm(*(_port_multiple(walker.mods[p], k.split('@')[0]) for p, k in ports))
         size = sizes.pop()
         if size % multiple:
             found.frozen[label] = f"its width {size} is not a multiple of its groups' size {multiple}"
             continue
         found.widths.append(WidthGroup(f"{producers[0]}.width", size, producers, consumers, channel, block,
-                                       multiple))
+                                       multiple, tuple((p, s) for (p, _), s in scales.items() if s != 1), offsets))
     found.heads = [replace(h, block=_enclosing_block(found.blocks, (h.path,))) for h in found.heads]
     return found
 
@@ -414,7 +332,7 @@ def _head_groups(model: nn.Module, graph: ModuleGraph, found: Discovery) -> None
                 found.unsupported[path] = type(mod).__name__
 
 
-def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Walker) -> tuple[list[SkipBlock], dict[str, int]]:
+def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Kinds) -> tuple[list[SkipBlock], dict[str, int]]:
     blocks: list[SkipBlock] = []
     stacks: dict[str, int] = {}
     for path, container in model.named_modules():
@@ -440,7 +358,7 @@ def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Walker) -> 
     return blocks, stacks
 
 
-def _is_residual(call: Call, graph: ModuleGraph, walker: _Walker) -> bool:
+def _is_residual(call: Call, graph: ModuleGraph, walker: _Kinds) -> bool:
     source, sink = call.in_nodes[0], call.out_nodes[0]
     if source in graph.output_nodes:
         return False

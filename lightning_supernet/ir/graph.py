@@ -117,10 +117,11 @@ class ModuleGraph:
         self.parents: dict[Any, list[Any]] = {}
         #: ``id`` of every parameter (and tracked input) the traced forward read, wherever it was read
         self.used_params: set[int] = set()
-        # leaf modules that own parameters; parameter-free leaves (ReLU, Dropout) are transparent ops
-        self._leaf_calls = sorted(
-            (c for c in calls if modules[c.path].is_leaf and modules[c.path].params), key=lambda c: c.start
-        )
+        #: modules that own parameters while none of their descendants do (a leaf ``Linear``, or timm's
+        #: ``BatchNormAct2d`` around its parameter-free activation): the units an elastic op slices
+        self.param_leaves = {path for path, n in modules.items() if n.params and not self._params_below(path)}
+        # parameter-free modules (ReLU, Dropout) are transparent ops
+        self._leaf_calls = sorted((c for c in calls if c.path in self.param_leaves), key=lambda c: c.start)
         self._starts = [c.start for c in self._leaf_calls]
         self._build_parents()
 
@@ -138,6 +139,19 @@ class ModuleGraph:
                 if child not in seen:
                     seen.add(child)
                     stack.append(child)
+
+    def _params_below(self, path: str) -> bool:
+        node = self.modules[path]
+        return any(self.modules[c].params or self._params_below(c) for c in node.children)
+
+    def is_unit(self, path: str) -> bool:
+        """A leaf module, or one that owns parameters around parameter-free children (see :attr:`param_leaves`).
+
+        Example:
+            >>> g = trace(nn.Sequential(nn.Linear(2, 2)), torch.randn(1, 2)); g.is_unit("0"), g.is_unit("")
+            (True, False)
+        """
+        return self.modules[path].is_leaf or path in self.param_leaves
 
     def leaf_call_owning(self, node: Any) -> Call | None:
         """The call of a parameter-owning leaf module inside which ``node`` was created, if any."""
