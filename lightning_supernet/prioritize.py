@@ -38,6 +38,9 @@ def _head_index(spec, perm: torch.Tensor, blocks: int = 1, layout: str = "qkv") 
     """Row indices for a permutation of (kv-)head groups: ``[blocks][heads][head_dim]`` rows, or head-major
     ``[heads][blocks][head_dim]`` rows (``layout="head"``, a fused q/k/v laid out per head)."""
     rep = spec.kv_group
+    if layout == "group":  # fused [kv heads][queries of the group, k, v][head_dim] rows (Falcon): whole groups
+        per_group = (rep + 2) * spec.head_dim
+        return (perm[:, None] * per_group + torch.arange(per_group)).reshape(-1)
     heads = (perm[:, None] * rep + torch.arange(rep)).reshape(-1)  # query heads follow their kv head
     if layout == "head":
         per_head = blocks * spec.head_dim
@@ -131,6 +134,8 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
         rows = torch.arange(n)
         if rep > 1 and n == spec.num_kv_heads * d:
             ids.append(rows // d)  # key/value projections of grouped-query attention: one head per unit
+        elif spec.layout == "group" and n > q_rows:
+            ids.append(rows // ((rep + 2) * d))  # a fused projection laid out per kv-head group
         elif spec.layout == "head" and n > q_rows:
             ids.append(rows // (n // spec.num_heads) // rep)  # a fused projection laid out per head
         else:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_supernet.integrations._hf_config import meta_build, solve_config, stack_keys
 from lightning_supernet.integrations._subnet_io import (
     SubnetFormatError,
     apply_layout,
@@ -63,7 +64,7 @@ __all__ = ["NonUniformSubnetError", "install", "is_pretrained_model", "load_subn
            "save_subnet", "uniform_subnet"]
 
 _INSTALLED = False
-_PER_LAYER = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+_MISSING = object()
 #: config attributes that hold the MLP width, by model family (BERT/Llama, OPT, DistilBERT, T5, GPT-2)
 _INTERMEDIATE = ("intermediate_size", "ffn_dim", "hidden_dim", "d_ff", "n_inner")
 
@@ -172,9 +173,17 @@ def finalize_extracted(small: nn.Module, cfg: SubnetConfig, supernet: SupernetMo
 def _layer_stack(orig: nn.Module, n: Any) -> str | None:
     if not isinstance(n, int) or isinstance(n, bool):
         return None
+    keys = [p for p, (k, i) in stack_keys(orig).items() if k == _depth_key(orig.config) and i is None]
+    if len(keys) == 1:
+        return keys[0]
     stacks = [p for p, m in orig.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == n
               and p]
     return stacks[0] if len(stacks) == 1 else None
+
+
+def _depth_key(config: Any) -> str:
+    attribute_map = getattr(config, "attribute_map", {}) or {}
+    return attribute_map.get("num_hidden_layers", "num_hidden_layers")
 
 
 def _intermediate_key(config: Any) -> str | None:
@@ -182,8 +191,7 @@ def _intermediate_key(config: Any) -> str | None:
 
 
 def _meta_build(cls: type, config: Any) -> nn.Module:
-    with torch.device("meta"):
-        return cls(config)
+    return meta_build(cls, config)
 
 
 def _layer_shape(small_layer: nn.Module, orig_layer: nn.Module, intermediate: Any) -> dict[str, int]:
@@ -192,7 +200,10 @@ def _layer_shape(small_layer: nn.Module, orig_layer: nn.Module, intermediate: An
     shape: dict[str, int] = {}
     for name, lin in orig_layer.named_modules():
         if isinstance(lin, nn.Linear) and lin.out_features == intermediate:
-            shape["intermediate_size"] = small_layer.get_submodule(name).out_features
+            try:
+                shape["intermediate_size"] = small_layer.get_submodule(name).out_features
+            except AttributeError:  # a sub-block of the layer was dropped
+                pass
             break
     for mod in small_layer.modules():
         spec = find_head_spec(mod)
@@ -204,53 +215,91 @@ def _layer_shape(small_layer: nn.Module, orig_layer: nn.Module, intermediate: An
 
 
 def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str, Any]) -> None:
+    """Set the config keys that describe the subnet; never raises on a correct subnet: what the config cannot
+    describe becomes the reason ``save_pretrained`` refuses (per stack, in words)."""
     config = hf.config
-    ikey = _intermediate_key(config)
-    n = getattr(config, "num_hidden_layers", None)
-    stack = _layer_stack(orig, n)
     candidate = copy.deepcopy(config)
     shapes: list[dict[str, int]] = []
-    if stack is not None:
+    head_dim = None
+    ikey = _intermediate_key(config)
+    for stack, (key, index) in stack_keys(orig).items():
+        n = len(orig.get_submodule(stack))
         kept = [i for i in range(n) if cfg.get(f"{prefix}{stack}.{i}.keep", True)]
-        layers, orig_layers = hf.get_submodule(stack), orig.get_submodule(stack)
+        where = _extracted_path(orig, stack, prefix, cfg)
+        if where is None:  # the stack sits in a block that was dropped: the config key cannot say so
+            continue
+        layers, orig_layers = hf.get_submodule(where), orig.get_submodule(stack)
+        if len(layers) != len(kept):
+            continue
         for i, (layer, source) in enumerate(zip(layers, kept, strict=True)):
             for mod in layer.modules():  # the KV cache is indexed by layer_idx: number the kept layers 0..k-1
                 if getattr(mod, "layer_idx", None) == source:
                     mod.layer_idx = i
-            shapes.append(_layer_shape(layer, orig_layers[source], getattr(config, ikey, None) if ikey else None))
-        candidate.num_hidden_layers = len(kept)
+            shape = _layer_shape(layer, orig_layers[source], getattr(config, ikey, None) if ikey else None)
+            shapes.append(shape)
+            head_dim = head_dim or shape.get("head_dim")
+        candidate = _with(candidate, key, index, len(kept))
         layer_types = getattr(config, "layer_types", None)
-        if isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
+        if index is None and isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
             candidate.layer_types = [layer_types[i] for i in kept]
-        depth_only = copy.deepcopy(candidate)
-        for key in _PER_LAYER:
-            values = {s[key] for s in shapes if key in s}
-            target = ikey if key == "intermediate_size" else key
-            if len(values) == 1 and target and getattr(config, target, None) is not None:
-                setattr(candidate, target, values.pop())
-    else:
-        depth_only = copy.deepcopy(candidate)
     issue = None
-    reference = _meta_build(type(hf), candidate)
-    diff = layout_diff(hf, reference)
-    if diff["shapes"]:
-        issue = _describe_issue(hf, shapes, diff)
-        candidate = depth_only
+    candidate, left = solve_config(hf, candidate, head_dim)
+    try:
+        diff = layout_diff(hf, _meta_build(type(hf), candidate))
+    except (SubnetFormatError, RuntimeError, ValueError) as err:
+        diff, left = {"shapes": {}, "attrs": {}}, left or {"<tree>": str(err)}
+    if left:
+        issue = _describe_issue(hf, shapes, left)
     else:
         # same tensors everywhere: copy attributes that are stale copies of the old config (LlamaMLP keeps
         # `intermediate_size`) so the model equals what `from_pretrained` will build
+        reference = _meta_build(type(hf), candidate)
         for path, attrs in diff["attrs"].items():
             mod, ref = hf.get_submodule(path), reference.get_submodule(path)
             for key in attrs:
                 setattr(mod, key, getattr(ref, key))
-    keys = ("num_hidden_layers", "layer_types", ikey, *_PER_LAYER[1:])
-    for key in filter(None, keys):  # getattr/setattr follow the config's `attribute_map`
-        if hasattr(candidate, key) and getattr(config, key, None) != getattr(candidate, key):
-            setattr(config, key, getattr(candidate, key))
+    before = config.to_dict()
+    for key, value in candidate.to_dict().items():  # setattr follows the config's `attribute_map`
+        if before.get(key, _MISSING) != value and (not left or _is_depth(candidate, key)):
+            try:
+                setattr(config, key, copy.deepcopy(getattr(candidate, key)))
+            except AttributeError:  # a derived property of the config class
+                pass
     _mark(hf, issue)
 
 
-def _describe_issue(hf: nn.Module, shapes: list[dict[str, int]], diff: Mapping[str, Any]) -> str:
+def _extracted_path(orig: nn.Module, path: str, prefix: str, cfg: Mapping[str, Any]) -> str | None:
+    """Where the module at ``path`` of the original model sits in the extracted one (outer stacks lose their
+    dropped blocks and are renumbered), or ``None`` if it was dropped."""
+    parts, out, mod = path.split("."), [], orig
+    for i, part in enumerate(parts):
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and part.isdigit():
+            parent = ".".join(parts[:i])
+            kept = [j for j in range(len(mod)) if cfg.get(f"{prefix}{parent}.{j}.keep", True)]
+            if int(part) not in kept:
+                return None
+            out.append(str(kept.index(int(part))))
+        else:
+            out.append(part)
+        mod = mod.get_submodule(part)
+    return ".".join(out)
+
+
+def _with(config: Any, key: str, index: int | None, value: int) -> Any:
+    if index is None:
+        setattr(config, key, value)
+    else:
+        seq = list(getattr(config, key))
+        seq[index] = value
+        setattr(config, key, seq)
+    return config
+
+
+def _is_depth(config: Any, key: str) -> bool:
+    return key in ("layer_types", "depths") or key.endswith(("layers", "num_hidden_layers")) or key == "n_layer"
+
+
+def _describe_issue(hf: nn.Module, shapes: list[dict[str, int]], left: Mapping[str, Any]) -> str:
     config_name = type(hf.config).__name__
     reasons = []
     for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
@@ -263,8 +312,10 @@ def _describe_issue(hf: nn.Module, shapes: list[dict[str, int]], diff: Mapping[s
         reasons.append(f"`{config_name}` has no `head_dim`: it derives the head size as hidden_size // "
                        "num_attention_heads, so fewer heads of the same size cannot be described (keep heads fixed "
                        "with `space={'elastic': ['width', 'depth']}` to stay within it)")
-    name, shape = next(iter(diff["shapes"].items()))
-    example = f"`{name}` has shape {tuple(shape)}, which no value of the config gives"
+    name, (shape, ref) = next(iter(left.items())) if not isinstance(next(iter(left.values())), str) else (
+        next(iter(left)), (None, None))
+    example = (f"`{name}` has shape {tuple(shape)}, which no value of the config gives (it builds "
+               f"{tuple(ref) if ref else 'none'})" if shape is not None else f"`{name}`: {left[name]}")
     reasons = "; ".join(reasons) + f" (e.g. {example})" if reasons else example
     return (f"this subnet of `{type(hf).__name__}` cannot be saved with `save_pretrained`: {reasons}; so "
             "`from_pretrained` could not rebuild it. HINT: save it with "

@@ -42,6 +42,7 @@ _ELEMENTWISE = {
     "Relu", "Gelu", "Silu", "Tanh", "Sigmoid", "Hardswish", "Hardsigmoid", "Hardtanh", "LeakyRelu", "Elu",
     "Mish", "Softplus", "Threshold", "Mul", "Add", "Sub", "Div", "Neg", "Rsub", "Pow", "Exp", "Sqrt", "Abs",
     "NativeDropout", "Clone", "ToCopy", "Clamp", "ClampMin", "ClampMax", "Alias", "Erf", "Prelu", "Glu_never",
+    "GeLUFunction",  # BLOOM's custom autograd gelu (train mode)
 }
 _NAME = re.compile(r"^(.*?)Backward\d*$")
 

@@ -55,8 +55,9 @@ class HeadSpec:
         head_dim: features per head (never elastic).
         q, k, v: separate projections, or ``qkv``: one fused projection.
         o: the output projection (its input columns are ``[heads][head_dim]``).
-        layout: of a fused projection's rows: ``"qkv"`` (``[3][heads][head_dim]``) or ``"head"``
-            (``[heads][3][head_dim]``).
+        layout: of a fused projection's rows: ``"qkv"`` (``[3][heads][head_dim]``), ``"head"``
+            (``[heads][3][head_dim]``) or ``"group"`` (``[kv heads][kv_group + 2][head_dim]``: each key/value
+            head's query heads, then its key and value, as Falcon's new decoder architecture).
         head_attrs: ``(relative module path, attribute)`` pairs set to the active query-head count.
         size_attrs: ``(path, attribute)`` pairs set to ``heads * head_dim``.
         kv_attrs: ``(path, attribute)`` pairs set to the active key/value-head count.
@@ -168,7 +169,8 @@ def _variants(module: nn.Module, spec: HeadSpec) -> list[HeadSpec]:
     if len(extra) > 1:
         sizes += [spec.size_attrs + (e,) for e in extra]
     sizes = list(dict.fromkeys(sizes))
-    layouts = [spec.layout, "head" if spec.layout == "qkv" else "qkv"] if spec.qkv is not None else [spec.layout]
+    layouts = ([spec.layout, "head" if spec.layout == "qkv" else "qkv"] if spec.qkv is not None
+               and spec.layout != "group" else [spec.layout])
     return [replace(spec, layout=layout, size_attrs=size) for layout in layouts for size in sizes]
 
 
@@ -210,13 +212,35 @@ _O_NAMES = ("proj", "out_proj", "o_proj", "c_proj", "dense", "out_lin", "wo", "o
 def _fused_qkv(module: nn.Module) -> HeadSpec | None:
     qkv = _first(module, ("qkv", "c_attn", "query_key_value", "Wqkv", "qkv_proj", "in_proj", "to_qkv"))
     heads = _int_attr(module, HEAD_ATTRS)
+    attrs: tuple[tuple[str, str], ...] = (("", heads[0]),) if heads else ()
+    if heads is None and _int_attr(getattr(module, "config", None), ("num_attention_heads",)) is not None:
+        # the forward infers the head count from the shape (GPT-NeoX: `view(..., -1, 3 * head_size)`), so only
+        # the config knows it; the layout candidates are verified numerically like any other
+        heads = ("", module.config.num_attention_heads)
     o_name = _first(module, _O_NAMES, "in")
     if qkv is None or heads is None or o_name is None or _out(module, qkv) % (3 * heads[1]):
         return None
     head_dim = _out(module, qkv) // 3 // heads[1]
     if _in(module, o_name) != heads[1] * head_dim:
         return None
-    return HeadSpec(heads[1], heads[1], head_dim, o=o_name, qkv=qkv, head_attrs=(("", heads[0]),))
+    return HeadSpec(heads[1], heads[1], head_dim, o=o_name, qkv=qkv, head_attrs=attrs)
+
+
+@register_head_adapter
+def _grouped_fused_qkv(module: nn.Module) -> HeadSpec | None:
+    """A fused projection of ``kv * (group + 2) * head_dim`` rows with query and key/value head counts (Falcon's
+    new decoder architecture); plain multi-head (``group == 1``) is left to the ``[3][heads]`` adapter."""
+    qkv = _first(module, ("query_key_value", "qkv", "Wqkv"))
+    heads, kv = _int_attr(module, HEAD_ATTRS), _int_attr(module, ("num_kv_heads", "num_key_value_heads"))
+    o_name = _first(module, _O_NAMES, "in")
+    if qkv is None or heads is None or kv is None or o_name is None or heads[1] % kv[1] or kv[1] == heads[1]:
+        return None
+    group = heads[1] // kv[1]
+    head_dim = _in(module, o_name) // heads[1]
+    if not head_dim or _out(module, qkv) != kv[1] * (group + 2) * head_dim or head_dim * heads[1] != _in(module, o_name):
+        return None
+    return HeadSpec(heads[1], kv[1], head_dim, o=o_name, qkv=qkv, layout="group", head_attrs=(("", heads[0]),),
+                    kv_attrs=(("", kv[0]),))
 
 
 @register_head_adapter
