@@ -89,8 +89,8 @@ class HeadSetter:
             fused = _elastic(anchor, spec.qkv)
             port = op_for(fused).ports["out"]
             head_major = spec.layout in ("head", "group")
-            rows = (heads // spec.kv_group * (spec.kv_group + 2) * spec.head_dim if spec.layout == "group"
-                    else 3 * width if head_major else width)
+            rows = (None if full else heads // spec.kv_group * (spec.kv_group + 2) * spec.head_dim
+                    if spec.layout == "group" else 3 * width if head_major else width)
             setattr(fused, port.active, None if full else rows)
             if port.blocks:
                 setattr(fused, port.blocks, 1 if head_major else 3)

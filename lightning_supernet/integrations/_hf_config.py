@@ -111,7 +111,12 @@ def stack_keys(hf: nn.Module) -> dict[str, tuple[str, int | None]]:
         for index, v in probes:
             if not hasattr(config, key):
                 continue
-            probe = _try_build(cls, config, key, index, v + 1)
+            base = config
+            layer_types = getattr(config, "layer_types", None)
+            if index is None and isinstance(layer_types, (list, tuple)) and len(layer_types) == v:
+                base = copy.deepcopy(config)  # one type per layer (Qwen2, Gemma): the probe needs one more
+                base.layer_types = [*layer_types, layer_types[-1]]
+            probe = _try_build(cls, base, key, index, v + 1)
             if probe is None:
                 continue
             grown = [p for p, n in _lists(probe).items() if lengths.get(p) == v and n == v + 1]
