@@ -103,6 +103,9 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
             if path is not None:
                 out += _port_tensors(anchor.get_submodule(path), "out", None if perm is None else _kv_index(spec, perm))
         out += _port_tensors(anchor.get_submodule(spec.o), "in", q_idx)
+        head_perm = None if perm is None else (perm[:, None] * spec.kv_group + torch.arange(spec.kv_group)).reshape(-1)
+        for path, tensor_name, dim in spec.per_head:  # relative-position bias tables: one entry per query head
+            out.append((anchor.get_submodule(path) if path else anchor, tensor_name, dim, head_perm))
         return out
     raise KeyError(f"no width or head group named `{name}`")
 
@@ -129,10 +132,13 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
     spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
     d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
     ids = []
-    for mod, tensor_name, dim, _ in tensors:
+    per_head = len(tensors) - len(spec.per_head)  # the per-head tensors come last
+    for i, (mod, tensor_name, dim, _) in enumerate(tensors):
         n = getattr(mod, tensor_name).shape[dim]
         rows = torch.arange(n)
-        if rep > 1 and n == spec.num_kv_heads * d:
+        if i >= per_head:
+            ids.append(rows // rep)
+        elif rep > 1 and n == spec.num_kv_heads * d:
             ids.append(rows // d)  # key/value projections of grouped-query attention: one head per unit
         elif spec.layout == "group" and n > q_rows:
             ids.append(rows // ((rep + 2) * d))  # a fused projection laid out per kv-head group

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_supernet.elastic.per_head import ElasticPerHead
 from lightning_supernet.elastic.base import ElasticMixin
 from lightning_supernet.elastic.registry import make_elastic
 from lightning_supernet.ir.heads import HeadSpec
@@ -74,6 +75,9 @@ class HeadSetter:
                           for p, a in spec.head_attrs + spec.size_attrs + spec.kv_attrs}
         for p in spec.paths:
             _elastic(anchor, p)
+        for p, _, _ in spec.per_head:
+            mod = anchor.get_submodule(p) if p else anchor
+            make_elastic(mod, ElasticPerHead)
 
     @property
     def anchor(self) -> nn.Module:
@@ -104,6 +108,11 @@ class HeadSetter:
                   **{key: heads // spec.kv_group for key in spec.kv_attrs}}
         for (p, a), value in values.items():
             setattr(anchor.get_submodule(p) if p else anchor, a, self.originals[(p, a)] if full else value)
+        for p, name, dim in spec.per_head:
+            mod = anchor.get_submodule(p) if p else anchor
+            if not isinstance(mod, ElasticPerHead):  # a copy made before the setter existed
+                make_elastic(mod, ElasticPerHead)
+            mod.per_head_active = {**(mod.per_head_active or {}), name: (dim, None if full else heads)}
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

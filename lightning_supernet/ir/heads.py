@@ -61,6 +61,8 @@ class HeadSpec:
         head_attrs: ``(relative module path, attribute)`` pairs set to the active query-head count.
         size_attrs: ``(path, attribute)`` pairs set to ``heads * head_dim``.
         kv_attrs: ``(path, attribute)`` pairs set to the active key/value-head count.
+        per_head: ``(path, tensor, dim)`` of tensors with one entry per query head beside the projections
+            (relative-position bias tables), sliced to the active heads.
 
     Example:
         >>> HeadSpec(num_heads=4, num_kv_heads=2, head_dim=8, q="q", k="k", v="v", o="o").kv_group
@@ -79,6 +81,7 @@ class HeadSpec:
     head_attrs: tuple[tuple[str, str], ...] = ()
     size_attrs: tuple[tuple[str, str], ...] = ()
     kv_attrs: tuple[tuple[str, str], ...] = ()
+    per_head: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def kv_group(self) -> int:
@@ -156,8 +159,37 @@ def looks_like_attention(module: nn.Module) -> bool:
     return has_heads and any(_proj(module, n) is not None for n, _ in module.named_children())
 
 
+def _per_head_tensors(module: nn.Module, spec: HeadSpec) -> tuple[tuple[str, str, int], ...]:
+    """Parameters/buffers of the attention module (outside its projections) with a dim of ``num_heads`` entries;
+    a candidate only, kept if the layout verifies numerically."""
+    projections = {p for p in spec.paths}
+    found = []
+    for path, mod in module.named_modules():
+        if path in projections or any(path.startswith(p + ".") for p in projections if p):
+            continue
+        if op_for(mod) is not None and path != "":
+            continue
+        tensors = list(mod._parameters.items()) + [(n, b) for n, b in mod._buffers.items()
+                                                   if b is not None and b.is_floating_point()]
+        for name, t in tensors:
+            if t is None or t.dim() < 1:
+                continue
+            dims = [d for d in range(t.dim()) if t.shape[d] == spec.num_heads]
+            if dims and not (spec.num_heads == 1):
+                found.append((path, name, dims[-1]))
+    return tuple(found)
+
+
 def _variants(module: nn.Module, spec: HeadSpec) -> list[HeadSpec]:
-    """Layouts a fused projection may have, each with and without the size attributes that equal heads x dim."""
+    """Layouts a fused projection may have, each with and without the size attributes that equal heads x dim,
+    and with the per-head tensors beside the projections first, then without them."""
+    per_head = _per_head_tensors(module, spec) if not spec.per_head else ()
+    if per_head:
+        return [v for ph in (per_head, ()) for v in _plain_variants(module, replace(spec, per_head=ph))]
+    return _plain_variants(module, spec)
+
+
+def _plain_variants(module: nn.Module, spec: HeadSpec) -> list[HeadSpec]:
     if spec.qkv == "":
         return [spec]  # the module is its own fused projection (nn.MultiheadAttention): its op knows the layout
     width = spec.num_heads * spec.head_dim
