@@ -92,7 +92,7 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
             continue
         anchor, spec = model.get_submodule(h.path) if h.path else model, h.spec
         q_idx = None if perm is None else _head_index(spec, perm)
-        for path, blocks in ((spec.q, 1), (spec.qkv, 3)):
+        for path, blocks in ((spec.q, 1), (spec.qkv, 3), *((p, 1) for p in spec.extra_q)):
             if path is not None:
                 idx = None if perm is None else _head_index(spec, perm, blocks, spec.layout)
                 proj = anchor.get_submodule(path)

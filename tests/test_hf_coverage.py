@@ -19,7 +19,8 @@ from lightning_supernet import SupernetModule  # noqa: E402
 from lightning_supernet.integrations.transformers import output_logits, uniform_subnet  # noqa: E402
 
 # (name, layers): each was refused, failed or crashed in extract() before this work; each runs in a few seconds
-FAST = [("qwen2", 2), ("phi", 2), ("falcon", 2), ("gpt_neox", 2), ("bart", 2), ("convnext", 2), ("gemma", 2)]
+FAST = [("qwen2", 2), ("phi", 2), ("falcon", 2), ("gpt_neox", 2), ("bart", 2), ("convnext", 2), ("gemma", 2),
+        ("deberta_v2", 2), ("swin", 4)]
 SLOW = [("mixtral", 12), ("whisper_encoder", 12), ("wav2vec2", 12), ("llama", 12), ("bert", 12)]
 
 
@@ -37,6 +38,30 @@ def test_contract_passes_12_layers(name: str, layers: int) -> None:
     report = check(name, layers, n_random=3)
     assert report.outcome == "PASS", str(report)
     assert report.dims.get("heads", 0) > 0
+
+
+def test_deberta_v3_style_shared_attention_keys_get_elastic_heads() -> None:
+    from hf_zoo import _text
+    from lightning_supernet.testing import check_conformance
+
+    model, example = _text("DebertaV2", "DebertaV2Config", 2, relative_attention=True, position_buckets=8,
+                           max_relative_positions=16, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                           norm_rel_ebd="layer_norm")
+    report = check_conformance(model, example, n_random=1)
+    assert report.outcome == "PASS" and report.dims["heads"] == 2, str(report)
+
+
+def test_swin_relative_position_bias_table_shrinks_with_heads() -> None:
+    sn, example = _supernet("swin", 2)
+    head = next(n for n in sn.search_space.dims if n.endswith(".heads") and ".layers.1." in n)
+    cfg = sn.search_space.config({head: 1})
+    small = sn.extract(cfg)
+    attn = small.swin.encoder.layers[1].blocks[0].attention.relative_position_bias
+    full = sn.model.swin.encoder.layers[1].blocks[0].attention.relative_position_bias
+    assert attn.relative_position_bias_table.shape[1] == 1 < full.relative_position_bias_table.shape[1]
+    with sn.subnet(cfg), torch.no_grad():
+        torch.testing.assert_close(sn.model(**example).logits, small(**example).logits, rtol=1e-4, atol=1e-5)
+    assert sn.cost(cfg)["params"] == sum(p.numel() for p in small.parameters())
 
 
 def _supernet(name: str, layers: int = 2) -> tuple[SupernetModule, dict]:

@@ -98,7 +98,7 @@ class HeadSetter:
             setattr(fused, port.active, None if full else rows)
             if port.blocks:
                 setattr(fused, port.blocks, 1 if head_major else 3)
-        for path, w in ((spec.q, width), (spec.k, kv), (spec.v, kv)):
+        for path, w in ((spec.q, width), (spec.k, kv), (spec.v, kv), *((p, width) for p in spec.extra_q)):
             if path is not None:
                 proj = _elastic(anchor, path)
                 setattr(proj, op_for(proj).ports["out"].active, w)

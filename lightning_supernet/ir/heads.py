@@ -61,6 +61,8 @@ class HeadSpec:
         head_attrs: ``(relative module path, attribute)`` pairs set to the active query-head count.
         size_attrs: ``(path, attribute)`` pairs set to ``heads * head_dim``.
         kv_attrs: ``(path, attribute)`` pairs set to the active key/value-head count.
+        extra_q: more projections whose output rows are ``[heads][head_dim]`` like the query's (DeBERTa's
+            ``pos_key_proj``/``pos_query_proj`` of the relative embeddings), sliced with the query heads.
         per_head: ``(path, tensor, dim)`` of tensors with one entry per query head beside the projections
             (relative-position bias tables), sliced to the active heads.
 
@@ -82,6 +84,7 @@ class HeadSpec:
     size_attrs: tuple[tuple[str, str], ...] = ()
     kv_attrs: tuple[tuple[str, str], ...] = ()
     per_head: tuple[tuple[str, str, int], ...] = ()
+    extra_q: tuple[str, ...] = ()
 
     @property
     def kv_group(self) -> int:
@@ -91,7 +94,7 @@ class HeadSpec:
     @property
     def paths(self) -> tuple[str, ...]:
         """The projections' paths (``""`` for a module that is its own fused projection)."""
-        return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o) if p is not None)
+        return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o, *self.extra_q) if p is not None)
 
 
 Adapter = Callable[[nn.Module], "HeadSpec | list[HeadSpec] | None"]
@@ -309,23 +312,31 @@ def _separate_qkv(module: nn.Module) -> HeadSpec | None:
 def _hf_self_output(module: nn.Module) -> HeadSpec | None:
     inner = out = None
     inner_name = out_name = ""
+    names = ("query", "key", "value")
     for name, child in module.named_children():
-        if all(_proj(child, n) is not None for n in ("query", "key", "value")):
-            inner, inner_name = child, name
-        elif _proj(child, "dense", "in") is not None:
+        for triple in (("query", "key", "value"), ("query_proj", "key_proj", "value_proj")):
+            if all(_proj(child, n) is not None for n in triple):
+                inner, inner_name, names = child, name, triple
+        if _proj(child, "dense", "in") is not None:
             out, out_name = child, name
     if inner is None or out is None:
         return None
     heads = _int_attr(inner, HEAD_ATTRS)
     if heads is None:
         return None
-    head_dim = _out(inner, "query") // heads[1]
-    if _out(inner, "key") != heads[1] * head_dim or _in(out, "dense") != heads[1] * head_dim:
+    q, k, v = names
+    head_dim = _out(inner, q) // heads[1]
+    if _out(inner, k) != heads[1] * head_dim or _in(out, "dense") != heads[1] * head_dim:
         return None
+    width = heads[1] * head_dim
+    # other projections of the inner module with query-shaped rows (DeBERTa's pos_key_proj / pos_query_proj)
+    extra = tuple(f"{inner_name}.{n}" for n, c in inner.named_children() if n not in names
+                  and _proj(inner, n) is not None and _out(inner, n) == width and op_for(c).ports.get("in")
+                  and _in(inner, n) == _in(inner, q))
     size = (((inner_name, "all_head_size"),) if isinstance(getattr(inner, "all_head_size", None), int) else ())
-    return HeadSpec(heads[1], heads[1], head_dim, o=f"{out_name}.dense", q=f"{inner_name}.query",
-                    k=f"{inner_name}.key", v=f"{inner_name}.value", head_attrs=((inner_name, heads[0]),),
-                    size_attrs=size)
+    return HeadSpec(heads[1], heads[1], head_dim, o=f"{out_name}.dense", q=f"{inner_name}.{q}",
+                    k=f"{inner_name}.{k}", v=f"{inner_name}.{v}", head_attrs=((inner_name, heads[0]),),
+                    size_attrs=size, extra_q=extra)
 
 
 @register_head_adapter
