@@ -20,7 +20,7 @@ from lightning_supernet.integrations.transformers import output_logits, uniform_
 
 # (name, layers): each was refused, failed or crashed in extract() before this work; each runs in a few seconds
 FAST = [("qwen2", 2), ("phi", 2), ("falcon", 2), ("gpt_neox", 2), ("bart", 2), ("convnext", 2), ("gemma", 2),
-        ("deberta_v2", 2), ("swin", 4)]
+        ("deberta_v2", 2), ("swin", 4), ("bloom", 2)]
 SLOW = [("mixtral", 12), ("whisper_encoder", 12), ("wav2vec2", 12), ("llama", 12), ("bert", 12)]
 
 
@@ -29,7 +29,8 @@ def test_contract_passes(name: str, layers: int) -> None:
     report = check(name, layers, n_random=2)
     assert report.outcome == "PASS", str(report)
     assert report.smallest_fraction <= 0.5
-    assert report.dims.get("heads", 0) > 0 or name == "convnext"  # every model with attention has elastic heads
+    if name not in ("convnext", "bloom"):  # every model with attention has elastic heads (BLOOM: fixed, see below)
+        assert report.dims.get("heads", 0) > 0
 
 
 @pytest.mark.slow
@@ -62,6 +63,35 @@ def test_swin_relative_position_bias_table_shrinks_with_heads() -> None:
     with sn.subnet(cfg), torch.no_grad():
         torch.testing.assert_close(sn.model(**example).logits, small(**example).logits, rtol=1e-4, atol=1e-5)
     assert sn.cost(cfg)["params"] == sum(p.numel() for p in small.parameters())
+
+
+def test_bloom_layers_returning_attention_weights_are_skippable_and_alibi_heads_fixed_in_words() -> None:
+    sn, _ = _supernet("bloom")
+    assert [n for n in sn.search_space.dims if n.endswith(".keep")] == ["transformer.h.0.keep", "transformer.h.1.keep"]
+    reason = sn.search_space.frozen["transformer.h.0.self_attention.heads"]
+    assert "ALiBi" in reason and "fixed by design" in reason
+
+
+def test_t5_heads_are_fixed_by_design_and_its_sublayers_are_not_a_stack() -> None:
+    sn, example = _supernet("t5")
+    reason = sn.search_space.frozen["encoder.block.0.layer.0.SelfAttention.heads"]
+    assert "relative-position bias" in reason and "every later block" in reason
+    # T5Block calls `self.layer[-1]` for its MLP: dropping the MLP sublayer would call attention there instead
+    assert not [n for n in sn.search_space.dims if n.endswith(".keep")]
+    cfg = sn.search_space.smallest()
+    small = sn.extract(cfg)
+    with sn.subnet(cfg), torch.no_grad():
+        torch.testing.assert_close(sn.model(**example).last_hidden_state, small(**example).last_hidden_state)
+
+
+def test_timm_cait_class_and_talking_heads_attention_are_fixed_in_words() -> None:
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=1,
+                              num_heads=4, num_classes=3)
+    sn = SupernetModule(model, torch.nn.functional.cross_entropy, example_input=torch.randn(1, 3, 32, 32))
+    frozen = sn.search_space.frozen
+    assert "C // num_heads" in frozen["blocks_token_only.0.attn.heads"]
+    assert "talking-heads" in frozen["blocks.0.attn.heads"]
 
 
 def _supernet(name: str, layers: int = 2) -> tuple[SupernetModule, dict]:

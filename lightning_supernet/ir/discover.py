@@ -405,6 +405,9 @@ def _head_groups(model: nn.Module, graph: ModuleGraph, found: Discovery) -> None
         if not specs:
             continue
         claimed.update(_join(path, p) for p in specs[0].paths)
+        if specs[0].fixed:  # recognised, but its design ties the heads (the reason says how)
+            found.frozen[f"{path}.heads" if path else "heads"] = specs[0].fixed
+            continue
         found.heads.append(HeadGroup(f"{path}.heads" if path else "heads", path, specs[0],
                                      candidates=tuple(specs[1:])))
     for path, node in graph.modules.items():
@@ -421,6 +424,9 @@ def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Walker) -> 
     for path, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
             continue
+        if isinstance(container, nn.ModuleList) and len({type(c).__dict__.get("_original_class", type(c))
+                                                          for c in container}) > 1:
+            continue  # a list of different layers is indexed by position (T5Block.layer[-1]), not a stack
         for index, (name, _) in enumerate(container.named_children()):
             child = f"{path}.{name}" if path else name
             node = graph.modules.get(child)
@@ -467,7 +473,14 @@ def _contractible(call: Call, graph: ModuleGraph) -> bool:
     """Edge contraction is only valid if nothing outside the block reads the block's inner results."""
     if not call.in_nodes or not call.out_nodes or call.in_nodes[0] is None or call.out_nodes[0] is None:
         return False
-    if call.in_shapes[0] != call.out_shapes[0] or call.out_len == -1 or any(call.out_is_tensor[1:]):
+    if call.in_shapes[0] != call.out_shapes[0] or call.out_len == -1:
+        return False
+    # extra tensor outputs (HF layers return (hidden, attention weights)) are fine if nothing reads them
+    def read_outside(node: Any) -> bool:
+        return node is None or node in graph.output_nodes or any(
+            (seq := seq_nr(p)) is None or not call.owns(seq) for p in graph.parents.get(node, ()))
+
+    if any(call.out_is_tensor[1:]) and any(read_outside(n) for n in call.out_nodes[1:]):
         return False
     sink = call.out_nodes[0]
     for node, parents in graph.parents.items():

@@ -37,7 +37,7 @@ from torch import nn
 
 from lightning_supernet.ops import op_for
 
-__all__ = ["HEAD_ATTRS", "HeadSpec", "find_head_spec", "find_head_specs", "looks_like_attention",
+__all__ = ["HEAD_ATTRS", "HeadSpec", "find_head_spec", "find_head_specs", "fixed_by_design", "looks_like_attention",
            "register_head_adapter"]
 
 #: attribute names that hold a head count; a module with one and no adapter is reported as unsupported.
@@ -63,6 +63,7 @@ class HeadSpec:
         kv_attrs: ``(path, attribute)`` pairs set to the active key/value-head count.
         extra_q: more projections whose output rows are ``[heads][head_dim]`` like the query's (DeBERTa's
             ``pos_key_proj``/``pos_query_proj`` of the relative embeddings), sliced with the query heads.
+        fixed: if set, the heads are recognised but fixed by the module's design; the reason, in words.
         per_head: ``(path, tensor, dim)`` of tensors with one entry per query head beside the projections
             (relative-position bias tables), sliced to the active heads.
 
@@ -85,6 +86,7 @@ class HeadSpec:
     kv_attrs: tuple[tuple[str, str], ...] = ()
     per_head: tuple[tuple[str, str, int], ...] = ()
     extra_q: tuple[str, ...] = ()
+    fixed: str = ""
 
     @property
     def kv_group(self) -> int:
@@ -131,6 +133,9 @@ def find_head_specs(module: nn.Module) -> list[HeadSpec]:
         found = adapter(module)
         if found:
             specs = found if isinstance(found, list) else [found]
+            reason = fixed_by_design(module, specs[0])
+            if reason:
+                return [replace(specs[0], fixed=reason)]
             out: list[HeadSpec] = []
             for spec in specs:
                 for variant in _variants(module, spec):
@@ -138,6 +143,40 @@ def find_head_specs(module: nn.Module) -> list[HeadSpec]:
                         out.append(variant)
             return out
     return []
+
+
+def fixed_by_design(module: nn.Module, spec: HeadSpec) -> str:
+    """Why the heads of a recognised attention module cannot shrink on their own, in words ("" if they can).
+
+    * T5-style relative attention: the first block computes a bias with one entry per head and passes it to every
+      later block, so all blocks would need the same head count;
+    * talking-heads attention (CaiT): linear layers over the head dim mix the heads;
+    * attention that derives its head size from its input width (``C // num_heads``: timm's ``ClassAttn``);
+    * ALiBi attention (BLOOM): the per-head slopes are built by the model from the config's head count, outside
+      the attention module.
+
+    Example:
+        >>> fixed_by_design(nn.Linear(2, 2), HeadSpec(2, 2, 1, o="o"))
+        ''
+    """
+    cls = type(module).__dict__.get("_original_class", type(module))
+    names = {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
+    if hasattr(module, "has_relative_attention_bias"):
+        return ("fixed by design: the first block computes the relative-position bias with one entry per head and "
+                "passes it to every later block, so the blocks' head counts cannot differ (the library shrinks "
+                "heads per block)")
+    mixers = [n for n, c in module.named_children() if isinstance(c, nn.Linear)
+              and c.in_features == c.out_features == spec.num_heads and spec.num_heads > 1]
+    if mixers:
+        return (f"fixed by design: talking-heads attention mixes the heads with `{'`, `'.join(mixers)}` (linear "
+                "layers over the head dim), so a head cannot be removed on its own")
+    if "timm.models.cait.ClassAttn" in names:
+        return ("fixed by design: `ClassAttn` derives its head size from its input width (C // num_heads), so "
+                "fewer heads would change the head size instead of removing heads")
+    if "transformers.models.bloom.modeling_bloom.BloomAttention" in names:
+        return ("fixed by design: BLOOM's ALiBi slopes (one per head) are built by `BloomModel` from "
+                "`config.n_head` outside the attention module and passed to every layer")
+    return ""
 
 
 def find_head_spec(module: nn.Module) -> HeadSpec | None:
