@@ -136,3 +136,30 @@ def test_subnet_the_config_cannot_describe_extracts_and_explains(tmp_path) -> No
     assert small.supernet_format_issue is not None and "save_subnet" in small.supernet_format_issue
     with sn.subnet(sn.search_space.smallest()), torch.no_grad():
         torch.testing.assert_close(sn.model(**example).logits, small(**example).logits)
+
+
+def test_config_space_keeps_bert_describable_by_its_config(tmp_path) -> None:
+    from lightning_supernet.integrations.transformers import config_space
+
+    model, example = HF_ZOO["bert"](2)
+    opts = config_space(model, example, space={"elastic": ["width", "depth"]})
+    assert opts["exclude"] == ["bert.pooler.dense.width"]  # the pooler's width has no config key
+    sn = SupernetModule(model, torch.nn.functional.cross_entropy, example_input=example, space=opts,
+                        output_transform=output_logits)
+    cfg = sn.search_space.smallest()
+    small = sn.extract(cfg)
+    assert small.supernet_format_issue is None and small.config.intermediate_size < 64
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**example).logits, small(**example).logits)
+
+
+def test_config_space_keeps_heads_of_a_config_with_head_dim() -> None:
+    from lightning_supernet.integrations.transformers import config_space
+
+    model, example = HF_ZOO["llama"](2)
+    opts = config_space(model, example)
+    assert not any("self_attn" in p for p in opts["exclude"])  # LlamaConfig has head_dim: fewer heads describable
+    bert, ex = HF_ZOO["bert"](2)
+    assert "bert.encoder.layer.*.attention.heads" in config_space(bert, ex)["exclude"]  # BERT derives head size

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from lightning_supernet.module import SupernetModule
     from lightning_supernet.space import SubnetConfig
 
-__all__ = ["NonUniformSubnetError", "install", "is_pretrained_model", "load_subnet", "output_logits",
+__all__ = ["NonUniformSubnetError", "config_space", "install", "is_pretrained_model", "load_subnet", "output_logits",
            "save_subnet", "uniform_subnet"]
 
 _INSTALLED = False
@@ -335,6 +335,37 @@ def _mark(hf: nn.Module, issue: str | None) -> None:
         hf.save_pretrained = functools.partial(_refuse_save_pretrained, issue)
     else:
         hf.__dict__.pop("save_pretrained", None)
+
+
+def config_space(model: nn.Module, example_input: Any, loss_fn: Any = None, space: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> dict[str, Any]:
+    """``space=`` options that keep a Hugging Face model's search space describable by its config.
+
+    Each group of dims (the same dim in every layer) is tried at its smallest value on a copy of the model; a
+    group whose extracted subnet the config cannot describe (BERT's pooler width, heads of a config without
+    ``head_dim``) is added to ``exclude``. A subnet of the returned space saves with ``save_pretrained`` when its
+    layers agree (:func:`uniform_subnet`); any subnet saves with :func:`save_subnet`.
+
+    Args:
+        model: the ``PreTrainedModel`` (or a module holding one); not changed.
+        example_input: as for ``SupernetModule``. loss_fn: as for ``SupernetModule`` (default: cross-entropy).
+        space: your own options, extended. kwargs: more ``SupernetModule`` arguments.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from lightning_supernet import SupernetModule
+        >>> bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=64, num_labels=2)).eval()
+        >>> ex = {"input_ids": torch.randint(0, 50, (1, 6))}
+        >>> opts = config_space(bert, ex)
+        >>> sn = SupernetModule(bert, torch.nn.functional.cross_entropy, example_input=ex, space=opts)
+        >>> sn.extract(sn.search_space.smallest()).supernet_format_issue is None
+        True
+    """
+    from lightning_supernet.integrations._hf_space import config_space_options
+
+    return config_space_options(model, example_input, loss_fn or nn.functional.cross_entropy, space, **kwargs)
 
 
 # -- configs with one shape in every layer --------------------------------------------------------------------
