@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["meta_build", "solve_config", "stack_keys", "tensor_shapes"]
+__all__ = ["describe_issue", "extracted_path", "is_depth_key", "meta_build", "solve_config", "stack_keys",
+           "tensor_shapes", "with_value"]
 
 #: key names (substrings) probed as per-layer sizes; a probe only proposes a value, the rebuilt model decides
 _SIZE_WORDS = ("ffn", "intermediate", "inner", "d_ff", "hidden_dim", "heads", "head", "mlp", "experts")
@@ -208,3 +209,86 @@ def _solve(base: Mapping[str, tuple], probe: Mapping[str, tuple], want: Mapping[
                 return None
             answers.add(round(v))
     return answers.pop() if len(answers) == 1 else None
+
+
+def extracted_path(orig: nn.Module, path: str, prefix: str, cfg: Mapping[str, Any]) -> str | None:
+    """Where the module at ``path`` of the original model sits in the extracted one (outer stacks lose their
+    dropped blocks and are renumbered), or ``None`` if it was dropped.
+
+    Example:
+        >>> stages = nn.ModuleList([nn.Sequential(nn.Linear(1, 1)), nn.Sequential(nn.Linear(1, 1), nn.ReLU())])
+        >>> extracted_path(stages, "1.0", "", {"0.keep": False})
+        '0.0'
+    """
+    parts, out, mod = path.split("."), [], orig
+    for i, part in enumerate(parts):
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and part.isdigit():
+            parent = ".".join(parts[:i]) + "." if i else ""
+            kept = [j for j in range(len(mod)) if cfg.get(f"{prefix}{parent}{j}.keep", True)]
+            if int(part) not in kept:
+                return None
+            out.append(str(kept.index(int(part))))
+        else:
+            out.append(part)
+        mod = mod.get_submodule(part)
+    return ".".join(out)
+
+
+def with_value(config: Any, key: str, index: int | None, value: int) -> Any:
+    """Set ``config.key`` (or ``config.key[index]``) to ``value`` in place; returns ``config``.
+
+    Example:
+        >>> from transformers import ConvNextConfig
+        >>> with_value(ConvNextConfig(depths=[1, 2]), "depths", 1, 1).depths
+        [1, 1]
+    """
+    if index is None:
+        setattr(config, key, value)
+    else:
+        seq = list(getattr(config, key))
+        seq[index] = value
+        setattr(config, key, seq)
+    return config
+
+
+def is_depth_key(config: Any, key: str) -> bool:
+    """Whether ``key`` holds a stack length (set even when the widths cannot be described).
+
+    Example:
+        >>> is_depth_key(None, "encoder_layers"), is_depth_key(None, "intermediate_size")
+        (True, False)
+    """
+    return key in ("layer_types", "depths") or key.endswith(("layers", "num_hidden_layers")) or key == "n_layer"
+
+
+def describe_issue(hf: nn.Module, shapes: list[dict[str, int]], left: Mapping[str, Any]) -> str:
+    """Why ``save_pretrained`` cannot describe the extracted ``hf``, in words, with the way out.
+
+    Example:
+        >>> from transformers import BertConfig, BertModel
+        >>> m = BertModel(BertConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, vocab_size=10))
+        >>> "save_subnet" in describe_issue(m, [], {"pooler.dense.weight": ((4, 8), (8, 8))})
+        True
+    """
+    config_name = type(hf.config).__name__
+    reasons = []
+    for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        values = [s.get(key) for s in shapes]
+        if len(set(values)) > 1:
+            reasons.append(f"the kept layers have {key} {values}, and a `{config_name}` holds one value for all "
+                           "layers")
+    heads = getattr(hf.config, "num_attention_heads", None)
+    if "head_dim" not in hf.config.to_dict() and any(s.get("num_attention_heads", heads) != heads for s in shapes):
+        reasons.append(f"`{config_name}` has no `head_dim`: it derives the head size as hidden_size // "
+                       "num_attention_heads, so fewer heads of the same size cannot be described (keep heads fixed "
+                       "with `space={'elastic': ['width', 'depth']}` to stay within it)")
+    name, (shape, ref) = next(iter(left.items())) if not isinstance(next(iter(left.values())), str) else (
+        next(iter(left)), (None, None))
+    example = (f"`{name}` has shape {tuple(shape)}, which no value of the config gives (it builds "
+               f"{tuple(ref) if ref else 'none'})" if shape is not None else f"`{name}`: {left[name]}")
+    reasons = "; ".join(reasons) + f" (e.g. {example})" if reasons else example
+    return (f"this subnet of `{type(hf).__name__}` cannot be saved with `save_pretrained`: {reasons}; so "
+            "`from_pretrained` could not rebuild it. HINT: save it with "
+            "`lightning_supernet.integrations.transformers.save_subnet(model, path)` and reload it with "
+            "`load_subnet(path)`, or extract a subnet with the same shape in every layer "
+            "(`uniform_subnet(supernet, ...)`)")

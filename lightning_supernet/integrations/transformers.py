@@ -46,7 +46,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_supernet.integrations._hf_config import meta_build, solve_config, stack_keys
+from lightning_supernet.integrations._hf_config import (
+    describe_issue,
+    extracted_path,
+    is_depth_key,
+    meta_build,
+    solve_config,
+    stack_keys,
+    with_value,
+)
 from lightning_supernet.integrations._subnet_io import (
     SubnetFormatError,
     apply_layout,
@@ -225,7 +233,7 @@ def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str,
     for stack, (key, index) in stack_keys(orig).items():
         n = len(orig.get_submodule(stack))
         kept = [i for i in range(n) if cfg.get(f"{prefix}{stack}.{i}.keep", True)]
-        where = _extracted_path(orig, stack, prefix, cfg)
+        where = extracted_path(orig, stack, prefix, cfg)
         if where is None:  # the stack sits in a block that was dropped: the config key cannot say so
             continue
         layers, orig_layers = hf.get_submodule(where), orig.get_submodule(stack)
@@ -238,7 +246,7 @@ def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str,
             shape = _layer_shape(layer, orig_layers[source], getattr(config, ikey, None) if ikey else None)
             shapes.append(shape)
             head_dim = head_dim or shape.get("head_dim")
-        candidate = _with(candidate, key, index, len(kept))
+        candidate = with_value(candidate, key, index, len(kept))
         layer_types = getattr(config, "layer_types", None)
         if index is None and isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
             candidate.layer_types = [layer_types[i] for i in kept]
@@ -249,7 +257,7 @@ def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str,
     except (SubnetFormatError, RuntimeError, ValueError) as err:
         diff, left = {"shapes": {}, "attrs": {}}, left or {"<tree>": str(err)}
     if left:
-        issue = _describe_issue(hf, shapes, left)
+        issue = describe_issue(hf, shapes, left)
     else:
         # same tensors everywhere: copy attributes that are stale copies of the old config (LlamaMLP keeps
         # `intermediate_size`) so the model equals what `from_pretrained` will build
@@ -260,68 +268,12 @@ def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str,
                 setattr(mod, key, getattr(ref, key))
     before = config.to_dict()
     for key, value in candidate.to_dict().items():  # setattr follows the config's `attribute_map`
-        if before.get(key, _MISSING) != value and (not left or _is_depth(candidate, key)):
+        if before.get(key, _MISSING) != value and (not left or is_depth_key(candidate, key)):
             try:
                 setattr(config, key, copy.deepcopy(getattr(candidate, key)))
             except AttributeError:  # a derived property of the config class
                 pass
     _mark(hf, issue)
-
-
-def _extracted_path(orig: nn.Module, path: str, prefix: str, cfg: Mapping[str, Any]) -> str | None:
-    """Where the module at ``path`` of the original model sits in the extracted one (outer stacks lose their
-    dropped blocks and are renumbered), or ``None`` if it was dropped."""
-    parts, out, mod = path.split("."), [], orig
-    for i, part in enumerate(parts):
-        if isinstance(mod, (nn.ModuleList, nn.Sequential)) and part.isdigit():
-            parent = ".".join(parts[:i])
-            kept = [j for j in range(len(mod)) if cfg.get(f"{prefix}{parent}.{j}.keep", True)]
-            if int(part) not in kept:
-                return None
-            out.append(str(kept.index(int(part))))
-        else:
-            out.append(part)
-        mod = mod.get_submodule(part)
-    return ".".join(out)
-
-
-def _with(config: Any, key: str, index: int | None, value: int) -> Any:
-    if index is None:
-        setattr(config, key, value)
-    else:
-        seq = list(getattr(config, key))
-        seq[index] = value
-        setattr(config, key, seq)
-    return config
-
-
-def _is_depth(config: Any, key: str) -> bool:
-    return key in ("layer_types", "depths") or key.endswith(("layers", "num_hidden_layers")) or key == "n_layer"
-
-
-def _describe_issue(hf: nn.Module, shapes: list[dict[str, int]], left: Mapping[str, Any]) -> str:
-    config_name = type(hf.config).__name__
-    reasons = []
-    for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
-        values = [s.get(key) for s in shapes]
-        if len(set(values)) > 1:
-            reasons.append(f"the kept layers have {key} {values}, and a `{config_name}` holds one value for all "
-                           "layers")
-    heads = getattr(hf.config, "num_attention_heads", None)
-    if "head_dim" not in hf.config.to_dict() and any(s.get("num_attention_heads", heads) != heads for s in shapes):
-        reasons.append(f"`{config_name}` has no `head_dim`: it derives the head size as hidden_size // "
-                       "num_attention_heads, so fewer heads of the same size cannot be described (keep heads fixed "
-                       "with `space={'elastic': ['width', 'depth']}` to stay within it)")
-    name, (shape, ref) = next(iter(left.items())) if not isinstance(next(iter(left.values())), str) else (
-        next(iter(left)), (None, None))
-    example = (f"`{name}` has shape {tuple(shape)}, which no value of the config gives (it builds "
-               f"{tuple(ref) if ref else 'none'})" if shape is not None else f"`{name}`: {left[name]}")
-    reasons = "; ".join(reasons) + f" (e.g. {example})" if reasons else example
-    return (f"this subnet of `{type(hf).__name__}` cannot be saved with `save_pretrained`: {reasons}; so "
-            "`from_pretrained` could not rebuild it. HINT: save it with "
-            "`lightning_supernet.integrations.transformers.save_subnet(model, path)` and reload it with "
-            "`load_subnet(path)`, or extract a subnet with the same shape in every layer "
-            "(`uniform_subnet(supernet, ...)`)")
 
 
 def _refuse_save_pretrained(issue: str, *args: Any, **kwargs: Any) -> None:
