@@ -20,7 +20,7 @@ from lightning_supernet.integrations.transformers import output_logits, uniform_
 
 # (name, layers): each was refused, failed or crashed in extract() before this work; each runs in a few seconds
 FAST = [("qwen2", 2), ("phi", 2), ("falcon", 2), ("gpt_neox", 2), ("bart", 2), ("convnext", 2), ("gemma", 2),
-        ("deberta_v2", 2), ("swin", 4), ("bloom", 2)]
+        ("deberta_v2", 2), ("swin", 4), ("bloom", 2), ("t5", 2)]
 SLOW = [("mixtral", 12), ("whisper_encoder", 12), ("wav2vec2", 12), ("llama", 12), ("bert", 12)]
 
 
@@ -29,7 +29,8 @@ def test_contract_passes(name: str, layers: int) -> None:
     report = check(name, layers, n_random=2)
     assert report.outcome == "PASS", str(report)
     assert report.smallest_fraction <= 0.5
-    if name not in ("convnext", "bloom"):  # every model with attention has elastic heads (BLOOM: fixed, see below)
+    if name not in ("convnext", "bloom", "t5"):  # every model with attention has elastic heads (BLOOM, T5: fixed by
+        # design, see below)
         assert report.dims.get("heads", 0) > 0
 
 
@@ -72,16 +73,22 @@ def test_bloom_layers_returning_attention_weights_are_skippable_and_alibi_heads_
     assert "ALiBi" in reason and "fixed by design" in reason
 
 
-def test_t5_heads_are_fixed_by_design_and_its_sublayers_are_not_a_stack() -> None:
-    sn, example = _supernet("t5")
+def test_t5_heads_are_fixed_by_design_and_its_blocks_pass_the_shared_bias_on_when_skipped() -> None:
+    sn, example = _supernet("t5", 3)
     reason = sn.search_space.frozen["encoder.block.0.layer.0.SelfAttention.heads"]
     assert "relative-position bias" in reason and "every later block" in reason
-    # T5Block calls `self.layer[-1]` for its MLP: dropping the MLP sublayer would call attention there instead
-    assert not [n for n in sn.search_space.dims if n.endswith(".keep")]
-    cfg = sn.search_space.smallest()
+    # T5Block calls `self.layer[-1]` for its MLP: its sublayers are not a stack; the blocks after the first (which
+    # computes the bias) return the bias they were given, so skipping one passes it on
+    keeps = [n for n in sn.search_space.dims if n.endswith(".keep")]
+    assert keeps == ["encoder.block.1.keep", "encoder.block.2.keep"]
+    cfg = sn.search_space.config({"encoder.block.1.keep": False})
     small = sn.extract(cfg)
-    with sn.subnet(cfg), torch.no_grad():
-        torch.testing.assert_close(sn.model(**example).last_hidden_state, small(**example).last_hidden_state)
+    assert len(small.encoder.block) == 2
+    with torch.no_grad():
+        with sn.subnet(cfg):
+            got = sn.model(**example).last_hidden_state
+        torch.testing.assert_close(got, small(**example).last_hidden_state)
+        assert not torch.allclose(got, sn.model(**example).last_hidden_state)  # the full model differs
 
 
 def test_timm_cait_class_and_talking_heads_attention_are_fixed_in_words() -> None:

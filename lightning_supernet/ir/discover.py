@@ -34,6 +34,7 @@ from torch import nn
 from lightning_supernet.ir.graph import Call, ModuleGraph, seq_nr
 from lightning_supernet.ir.heads import HeadSpec, find_head_specs, looks_like_attention
 from lightning_supernet.ops import op_for
+from lightning_supernet.ir.block_outputs import extra_outputs_read, skip_output
 from lightning_supernet.ir.words import op_in_words
 
 __all__ = ["Discovery", "HeadGroup", "SkipBlock", "WidthGroup", "discover", "module_kind"]
@@ -133,7 +134,8 @@ class SkipBlock:
 
     Attributes:
         path: the block. stack: its container. index: position in the container.
-        out_len: ``None`` if the block returns a tensor, else the length of its output tuple.
+        out_len: ``None`` if the block returns a tensor, else the length of its output tuple (or a template naming
+            the inputs it passes on, see ``SkippableBlock.skip_output_len``).
         mode: ``"identity"`` (the block adds its own residual: skipped, it returns its input) or ``"zero"`` (the
             caller adds the residual, ``h = h + block(h)``: skipped, it returns zeros).
 
@@ -145,7 +147,7 @@ class SkipBlock:
     path: str
     stack: str
     index: int
-    out_len: int | None
+    out_len: int | tuple | None
     mode: str = "identity"
 
     @property
@@ -437,9 +439,9 @@ def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Walker) -> 
             if not weighted or not _contractible(call, graph):
                 continue
             if _is_residual(call, graph, walker):
-                blocks.append(SkipBlock(child, path, index, call.out_len))
+                blocks.append(SkipBlock(child, path, index, skip_output(call)))
             elif _residual_in_parent(call, graph):
-                blocks.append(SkipBlock(child, path, index, call.out_len, mode="zero"))
+                blocks.append(SkipBlock(child, path, index, skip_output(call), mode="zero"))
     # keep the finest granularity: a block that holds skippable blocks (a whole stage) is not one itself
     blocks = [b for b in blocks if not any(o.path.startswith(b.path + ".") for o in blocks)]
     for b in blocks:
@@ -475,12 +477,7 @@ def _contractible(call: Call, graph: ModuleGraph) -> bool:
         return False
     if call.in_shapes[0] != call.out_shapes[0] or call.out_len == -1:
         return False
-    # extra tensor outputs (HF layers return (hidden, attention weights)) are fine if nothing reads them
-    def read_outside(node: Any) -> bool:
-        return node is None or node in graph.output_nodes or any(
-            (seq := seq_nr(p)) is None or not call.owns(seq) for p in graph.parents.get(node, ()))
-
-    if any(call.out_is_tensor[1:]) and any(read_outside(n) for n in call.out_nodes[1:]):
+    if any(call.out_is_tensor[1:]) and extra_outputs_read(call, graph):
         return False
     sink = call.out_nodes[0]
     for node, parents in graph.parents.items():
