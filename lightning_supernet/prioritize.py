@@ -55,8 +55,20 @@ def _kv_index(spec, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _port_tensors(mod: nn.Module, port: str, index: Any) -> list[tuple[nn.Module, str, int, Any]]:
-    """``(module, tensor, dim, index)`` for the tensors the registered op of ``mod`` slices on ``port``."""
-    return [(mod, t, d, index) for t, d in op_for(mod).ports[port].tensors if getattr(mod, t, None) is not None]
+    """``(module, tensor, dim, index)`` for the tensors the registered op of ``mod`` slices on ``port``; a dim of
+    equal blocks (MoE ``gate_up_proj``: gate, then up) gets the permutation in every block."""
+    spec = op_for(mod).ports[port]
+    blocks = getattr(mod, spec.blocks, 1) if spec.blocks else 1
+    out = []
+    for t, d in spec.tensors:
+        tensor = getattr(mod, t, None)
+        if tensor is None:
+            continue
+        idx = index
+        if index is not None and blocks and blocks > 1 and tensor.shape[d] == blocks * len(index):
+            idx = torch.cat([index + b * len(index) for b in range(blocks)])
+        out.append((mod, t, d, idx))
+    return out
 
 
 def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None = None) -> list[tuple[nn.Module, str, int, Any]]:
@@ -128,7 +140,7 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
     tensors = group_tensors(supernet, name)
     for w in supernet.discovery.widths:
         if w.name == name:
-            return [torch.arange(w.size) // w.multiple] * len(tensors)
+            return [torch.arange(getattr(m, t).shape[d]) % w.size // w.multiple for m, t, d, _ in tensors]
     spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
     d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
     ids = []

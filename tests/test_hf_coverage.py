@@ -20,7 +20,8 @@ from lightning_supernet.integrations.transformers import output_logits, uniform_
 
 # (name, layers): each was refused, failed or crashed in extract() before this work; each runs in a few seconds
 FAST = [("qwen2", 2), ("phi", 2), ("falcon", 2), ("gpt_neox", 2), ("bart", 2), ("convnext", 2), ("gemma", 2),
-        ("deberta_v2", 2), ("swin", 4), ("bloom", 2), ("t5", 2)]
+        ("deberta_v2", 2), ("swin", 4), ("bloom", 2), ("t5", 2),
+        ("mixtral", 2)]
 SLOW = [("mixtral", 12), ("whisper_encoder", 12), ("wav2vec2", 12), ("llama", 12), ("bert", 12)]
 
 
@@ -115,6 +116,24 @@ def test_rotary_model_with_fewer_heads_round_trips_through_save_pretrained(name:
     assert small.supernet_format_issue is None
     assert small.config.num_attention_heads == 2 and small.config.num_hidden_layers == 1
     assert small.model.rotary_emb.inv_freq.shape == sn.model.model.rotary_emb.inv_freq.shape  # head size kept
+    small.save_pretrained(tmp_path)
+    again = type(small).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**example).logits, small(**example).logits)
+        with sn.subnet(cfg):
+            torch.testing.assert_close(sn.model(**example).logits, small(**example).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_mixtral_expert_widths_shrink_and_round_trip_through_save_pretrained(tmp_path) -> None:
+    sn, example = _supernet("mixtral")
+    widths = [n for n, d in sn.search_space.dims.items() if d.kind == "width"]
+    assert widths == ["model.layers.0.mlp.experts.width", "model.layers.1.mlp.experts.width"]
+    cfg = uniform_subnet(sn, intermediate_size=32, num_attention_heads=2)
+    small = sn.extract(cfg)
+    experts = small.model.layers[0].mlp.experts
+    assert tuple(experts.gate_up_proj.shape) == (4, 64, 32) and tuple(experts.down_proj.shape) == (4, 32, 32)
+    assert small.supernet_format_issue is None and small.config.intermediate_size == 32
+    assert sn.cost(cfg)["params"] == sum(p.numel() for p in small.parameters())
     small.save_pretrained(tmp_path)
     again = type(small).from_pretrained(tmp_path).eval()
     with torch.no_grad():

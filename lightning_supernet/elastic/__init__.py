@@ -2,7 +2,7 @@
 
 Each op is one file that declares its mixin and registers it (:func:`lightning_supernet.ops.register_op`):
 ``linear.py`` (``nn.Linear``), ``conv.py`` (dense, depthwise and grouped ``nn.Conv2d``), ``norm.py`` (BatchNorm,
-SyncBatchNorm, LayerNorm), ``conv1d.py`` (GPT-2's ``Conv1D``), ``hf_linear.py`` (Falcon's ``FalconLinear``), ``attention.py`` (``nn.MultiheadAttention`` and the
+SyncBatchNorm, LayerNorm), ``conv1d.py`` (GPT-2's ``Conv1D``), ``hf_linear.py`` (Falcon's ``FalconLinear``), ``moe.py`` (Mixtral's experts), ``attention.py`` (``nn.MultiheadAttention`` and the
 head setter), ``depth.py`` (skippable blocks), ``fastpath.py`` (guards for fused fast paths).
 
 Example:
@@ -17,7 +17,7 @@ from lightning_supernet.elastic.attention import ElasticMultiheadAttention, Head
 from lightning_supernet.elastic.conv import ElasticConv2d
 from lightning_supernet.elastic.conv1d import ElasticConv1D
 from lightning_supernet.elastic.depth import SkippableBlock
-from lightning_supernet.elastic import hf_linear  # noqa: F401 - registers its op
+from lightning_supernet.elastic import hf_linear, moe  # noqa: F401 - register their ops
 from lightning_supernet.elastic.fastpath import FastPathGuard, guard_fast_paths, register_fast_path
 from lightning_supernet.elastic.linear import ElasticLinear
 from lightning_supernet.elastic.norm import ElasticBatchNorm, ElasticLayerNorm

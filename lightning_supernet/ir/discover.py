@@ -69,7 +69,7 @@ def module_kind(module: nn.Module) -> str | None:
         ('transform', 'channelwise', None)
     """
     op = op_for(module)
-    return None if op is None else op.role
+    return None if op is None or op.internal else op.role
 
 
 @dataclass(frozen=True)
@@ -331,6 +331,10 @@ def discover(model: nn.Module, graph: ModuleGraph, residual: bool = False) -> Di
     walker = _Walker(model, graph)
     groups = _Groups()
     for call in graph.calls:
+        op = op_for(walker.mods[call.path])
+        if op is not None and op.internal:  # a width inside the module (MoE experts): a group of its own
+            groups.union((call.path, "out"), (call.path, "in"))
+            continue
         kind = walker.kinds.get(call.path)
         if kind not in ("transform", "channelwise") or not call.out_nodes:
             continue
