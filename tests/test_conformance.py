@@ -164,3 +164,44 @@ def test_fingerprint_and_run_in_mode_keep_the_model():
     with pytest.raises(ValueError, match="modes"):
         check_conformance(_vit, X, modes=("eval", "predict"))
     assert summarize([Report("a", "PASS"), Report("b", "FAIL")])["FAIL"] == 1
+
+
+# -- the zoos ---------------------------------------------------------------------------------------------------
+def _zoo_params(fast: bool) -> list:
+    from lightning_supernet.testing.zoo import ZOOS, get_zoo
+
+    params = []
+    for zoo in ZOOS:
+        try:
+            models = get_zoo(zoo)
+        except ImportError as err:  # an optional library (timm, transformers) missing
+            params.append(pytest.param(zoo, None, id=f"{zoo}-unavailable",
+                                       marks=pytest.mark.skip(reason=f"{zoo} zoo unavailable: {err}")))
+            continue
+        for m in models:
+            if m.fast or not fast:
+                marks = [pytest.mark.skip(reason=m.skip)] if m.skip else []
+                params.append(pytest.param(zoo, m, id=f"{zoo}-{m.name}", marks=marks))
+    return params
+
+
+def _check(model) -> Report:
+    report = check_conformance(model.build, model.example(), name=model.name, space=model.space,
+                               output=model.output)
+    print(report)
+    return report
+
+
+@pytest.mark.parametrize(("zoo", "model"), _zoo_params(fast=True))
+def test_fast_zoo_slice_meets_the_contract(zoo, model):
+    # the fast slice are models the library slices today: a refusal here is a regression too
+    report = _check(model)
+    assert report.outcome in ("PASS", "COVERAGE"), report.failures or report.detail
+    assert report.dims, "no elastic dim"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("zoo", "model"), _zoo_params(fast=False))
+def test_full_zoo_has_no_wrong_answer_and_no_late_crash(zoo, model):
+    report = _check(model)
+    assert report.ok, report.failures

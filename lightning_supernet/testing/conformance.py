@@ -13,7 +13,7 @@ For a model and an example input, in train mode, eval mode, under ``torch.no_gra
 4. **coverage** — the smallest subnet has at most half the parameters (else the outcome is ``COVERAGE``);
    **depth-order** — each stack's keep-dims are in model order and the smallest subnet keeps a prefix;
 5. **prioritize** — a magnitude reorder (:func:`lightning_supernet.prioritize.reorder`), then a random reorder of
-   every group, leaves the full model's function unchanged (checked in float64, so a deep BatchNorm net's float32 noise does not hide or fake a
+   every group, leaves the full model's function unchanged (eval mode, ``no_grad``) (checked in float64, so a deep BatchNorm net's float32 noise does not hide or fake a
    difference) and the reordered supernet still equals its extraction;
 6. **modes** — every module's own ``training`` flag is unchanged after construction and after each public call
    (``subnet``, ``cost``, ``extract``, ``reorder``).
@@ -374,12 +374,12 @@ def _check_prioritization(check: _Checker, sn: Any, example: Any, seed: int, fla
     try:
         sn.to(torch.float64)
         with sn.subnet(largest):
-            before = check.pick(run_in_mode(sn.model, ex, "eval", seed))
+            before = check.pick(run_in_mode(sn.model, ex, "no_grad", seed))
     except Exception:  # noqa: BLE001 - a model that cannot run in float64: check in float32
         sn.to(torch.float32)
         ex, tol = example, check.tol
         with sn.subnet(largest):
-            before = check.pick(run_in_mode(sn.model, ex, "eval", seed))
+            before = check.pick(run_in_mode(sn.model, ex, "no_grad", seed))
     try:
         importance = magnitude_importance(sn)
         perms = reorder(sn, importance)
@@ -395,8 +395,8 @@ def _check_prioritization(check: _Checker, sn: Any, example: Any, seed: int, fla
 
     def after() -> Any:
         with sn.subnet(largest):
-            return run_in_mode(sn.model, ex, "eval", seed)
-    check.compare("prioritize", f"full model after reordering {len(perms)} groups", "eval", lambda: before, after,
+            return run_in_mode(sn.model, ex, "no_grad", seed)
+    check.compare("prioritize", f"full model after reordering {len(perms)} groups", "no_grad", lambda: before, after,
                   tol=tol)
     try:
         small = sn.extract(smallest)
@@ -406,6 +406,6 @@ def _check_prioritization(check: _Checker, sn: Any, example: Any, seed: int, fla
 
     def sub() -> Any:
         with sn.subnet(smallest):
-            return run_in_mode(sn.model, ex, "eval", seed)
-    check.compare("prioritize", "smallest after reorder", "eval", lambda: run_in_mode(small, ex, "eval", seed), sub,
+            return run_in_mode(sn.model, ex, "no_grad", seed)
+    check.compare("prioritize", "smallest after reorder", "no_grad", lambda: run_in_mode(small, ex, "no_grad", seed), sub,
                   tol=max(tol, 1e-5))
