@@ -133,6 +133,30 @@ def wav2vec2(n: int):
     return t.Wav2Vec2ForSequenceClassification(cfg).eval(), {"input_values": audio}
 
 
+def olmo(n: int): return _text("Olmo", "OlmoConfig", n, "ForCausalLM", True)
+
+
+def mobilevit(n: int):
+    return _image("MobileViTForImageClassification", "MobileViTConfig", image_size=32, patch_size=2,
+                  hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 24, 32], num_attention_heads=2,
+                  num_labels=3)
+
+
+def segformer(n: int):
+    import transformers as t
+
+    cfg = t.SegformerConfig(num_encoder_blocks=2, depths=[max(n // 2, 1), max(n - n // 2, 1)], sr_ratios=[2, 1],
+                            hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                            mlp_ratios=[2, 2], decoder_hidden_size=32, num_labels=3)
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    return t.SegformerForSemanticSegmentation(cfg).eval(), {"pixel_values": pixels}
+
+
+#: models the issue names for the export finaliser (head size from the config, several stacks), beyond the list
+EXTRA: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
+    "olmo": olmo, "mobilevit": mobilevit, "segformer": segformer,
+}
+
 HF_ZOO: dict[str, Callable[[int], tuple[torch.nn.Module, dict]]] = {
     "bert": bert, "roberta": roberta, "distilbert": distilbert, "albert": albert, "electra": electra,
     "deberta_v2": deberta_v2, "gpt2": gpt2, "gpt_neox": gpt_neox, "gptj": gptj, "opt": opt, "bloom": bloom,
@@ -146,7 +170,7 @@ def check(name: str, layers: int = 2, **kw: Any) -> Any:
     """Run the conformance contract on one zoo model (``kw`` goes to ``check_conformance``)."""
     from lightning_supernet.testing import check_conformance
 
-    model, example = HF_ZOO[name](layers)
+    model, example = {**HF_ZOO, **EXTRA}[name](layers)
     return check_conformance(model, example, name=f"{name}[{layers}]", **kw)
 
 

@@ -35,6 +35,13 @@ def test_contract_passes(name: str, layers: int) -> None:
         assert report.dims.get("heads", 0) > 0
 
 
+@pytest.mark.parametrize("name", ["olmo", "mobilevit", "segformer"])
+def test_models_the_finaliser_used_to_break_extract_correctly(name: str) -> None:
+    report = check(name, 3, n_random=1)
+    assert report.outcome in ("PASS", "COVERAGE"), str(report)  # SegFormer: 61 % with 3 small blocks
+    assert report.dims.get("heads", 0) > 0 and report.dims.get("depth", 0) > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "layers"), SLOW)
 def test_contract_passes_12_layers(name: str, layers: int) -> None:

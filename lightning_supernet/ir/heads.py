@@ -165,8 +165,8 @@ def fixed_by_design(module: nn.Module, spec: HeadSpec) -> str:
         return ("fixed by design: the first block computes the relative-position bias with one entry per head and "
                 "passes it to every later block, so the blocks' head counts cannot differ (the library shrinks "
                 "heads per block)")
-    mixers = [n for n, c in module.named_children() if isinstance(c, nn.Linear)
-              and c.in_features == c.out_features == spec.num_heads and spec.num_heads > 1]
+    mixers = [n for n, c in module.named_children() if isinstance(c, nn.Linear) and n not in spec.paths
+              and c.in_features == c.out_features == spec.num_heads > 1]
     if mixers:
         return (f"fixed by design: talking-heads attention mixes the heads with `{'`, `'.join(mixers)}` (linear "
                 "layers over the head dim), so a head cannot be removed on its own")
