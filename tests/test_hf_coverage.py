@@ -122,6 +122,8 @@ def test_rotary_model_with_fewer_heads_round_trips_through_save_pretrained(name:
     small = sn.extract(cfg)
     assert small.supernet_format_issue is None
     assert small.config.num_attention_heads == 2 and small.config.num_hidden_layers == 1
+    if name == "qwen2":  # grouped-query attention: 4 query heads on 2 kv heads -> 2 on 1
+        assert small.config.num_key_value_heads == 1
     assert small.model.rotary_emb.inv_freq.shape == sn.model.model.rotary_emb.inv_freq.shape  # head size kept
     small.save_pretrained(tmp_path)
     again = type(small).from_pretrained(tmp_path).eval()
