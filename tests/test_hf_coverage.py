@@ -22,7 +22,7 @@ from lightning_supernet.integrations.transformers import output_logits, uniform_
 FAST = [("qwen2", 2), ("phi", 2), ("falcon", 2), ("gpt_neox", 2), ("bart", 2), ("convnext", 2), ("gemma", 2),
         ("deberta_v2", 2), ("swin", 4), ("bloom", 2), ("t5", 2),
         ("mixtral", 2)]
-SLOW = [("mixtral", 12), ("whisper_encoder", 12), ("wav2vec2", 12), ("llama", 12), ("bert", 12)]
+TWELVE = [("mixtral", 12), ("whisper_encoder", 12), ("wav2vec2", 12), ("llama", 12), ("bert", 12)]
 
 
 @pytest.mark.parametrize(("name", "layers"), FAST)
@@ -42,8 +42,7 @@ def test_models_the_finaliser_used_to_break_extract_correctly(name: str) -> None
     assert report.dims.get("heads", 0) > 0 and report.dims.get("depth", 0) > 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("name", "layers"), SLOW)
+@pytest.mark.parametrize(("name", "layers"), TWELVE)
 def test_contract_passes_12_layers(name: str, layers: int) -> None:
     report = check(name, layers, n_random=3)
     assert report.outcome == "PASS", str(report)
