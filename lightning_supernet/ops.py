@@ -86,6 +86,9 @@ class ElasticOp:
     mixin: type
     accepts: Callable[[nn.Module], bool] = field(default=lambda module: True)
     channel_dim: int = -1
+    #: the width lives inside the module (mixture-of-experts MLPs): its ``out`` and ``in`` ports are one dim of
+    #: its own, coupled with nothing outside
+    internal: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -10,6 +10,7 @@ Example:
     >>> import torch, torch.nn.functional as F
     >>> from lightning_supernet import SupernetModule
     >>> from lightning_supernet.models import TinyViT
+    >>> _ = torch.manual_seed(0)  # a group already in order is left out of the result
     >>> sn = SupernetModule(TinyViT(dim=32, depth=2, num_heads=2), F.cross_entropy,
     ...                     example_input=torch.randn(1, 1, 8, 8))
     >>> perms = reorder(sn, magnitude_importance(sn))
@@ -38,6 +39,9 @@ def _head_index(spec, perm: torch.Tensor, blocks: int = 1, layout: str = "qkv") 
     """Row indices for a permutation of (kv-)head groups: ``[blocks][heads][head_dim]`` rows, or head-major
     ``[heads][blocks][head_dim]`` rows (``layout="head"``, a fused q/k/v laid out per head)."""
     rep = spec.kv_group
+    if layout == "group":  # fused [kv heads][queries of the group, k, v][head_dim] rows (Falcon): whole groups
+        per_group = (rep + 2) * spec.head_dim
+        return (perm[:, None] * per_group + torch.arange(per_group)).reshape(-1)
     heads = (perm[:, None] * rep + torch.arange(rep)).reshape(-1)  # query heads follow their kv head
     if layout == "head":
         per_head = blocks * spec.head_dim
@@ -52,8 +56,20 @@ def _kv_index(spec, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _port_tensors(mod: nn.Module, port: str, index: Any) -> list[tuple[nn.Module, str, int, Any]]:
-    """``(module, tensor, dim, index)`` for the tensors the registered op of ``mod`` slices on ``port``."""
-    return [(mod, t, d, index) for t, d in op_for(mod).ports[port].tensors if getattr(mod, t, None) is not None]
+    """``(module, tensor, dim, index)`` for the tensors the registered op of ``mod`` slices on ``port``; a dim of
+    equal blocks (MoE ``gate_up_proj``: gate, then up) gets the permutation in every block."""
+    spec = op_for(mod).ports[port]
+    blocks = getattr(mod, spec.blocks, 1) if spec.blocks else 1
+    out = []
+    for t, d in spec.tensors:
+        tensor = getattr(mod, t, None)
+        if tensor is None:
+            continue
+        idx = index
+        if index is not None and blocks and blocks > 1 and tensor.shape[d] == blocks * len(index):
+            idx = torch.cat([index + b * len(index) for b in range(blocks)])
+        out.append((mod, t, d, idx))
+    return out
 
 
 def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None = None) -> list[tuple[nn.Module, str, int, Any]]:
@@ -89,7 +105,7 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
             continue
         anchor, spec = model.get_submodule(h.path) if h.path else model, h.spec
         q_idx = None if perm is None else _head_index(spec, perm)
-        for path, blocks in ((spec.q, 1), (spec.qkv, 3)):
+        for path, blocks in ((spec.q, 1), (spec.qkv, 3), *((p, 1) for p in spec.extra_q)):
             if path is not None:
                 idx = None if perm is None else _head_index(spec, perm, blocks, spec.layout)
                 proj = anchor.get_submodule(path)
@@ -100,6 +116,9 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
             if path is not None:
                 out += _port_tensors(anchor.get_submodule(path), "out", None if perm is None else _kv_index(spec, perm))
         out += _port_tensors(anchor.get_submodule(spec.o), "in", q_idx)
+        head_perm = None if perm is None else (perm[:, None] * spec.kv_group + torch.arange(spec.kv_group)).reshape(-1)
+        for path, tensor_name, dim in spec.per_head:  # relative-position bias tables: one entry per query head
+            out.append((anchor.get_submodule(path) if path else anchor, tensor_name, dim, head_perm))
         return out
     raise KeyError(f"no width or head group named `{name}`")
 
@@ -125,6 +144,8 @@ def _width_unit_ids(w: Any, path: str, port: str, rows: int) -> torch.Tensor:
     inside = torch.arange(rows)
     if port == "in":
         inside = (inside - (w.offset(path) or 0)) // w.scale(path)
+    else:  # a dim of equal blocks (MoE ``gate_up_proj``: gate, then up) repeats the channels in every block
+        inside = inside % w.size
     keep = (inside >= 0) & (inside < w.size)
     return torch.where(keep, inside.clamp(0, w.size - 1) // w.multiple, -1)
 
@@ -158,11 +179,16 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
     spec = next(h.spec for h in supernet.discovery.heads if h.name == name)
     d, rep, q_rows = spec.head_dim, spec.kv_group, spec.num_heads * spec.head_dim
     ids = []
-    for mod, tensor_name, dim, _ in tensors:
+    per_head = len(tensors) - len(spec.per_head)  # the per-head tensors come last
+    for i, (mod, tensor_name, dim, _) in enumerate(tensors):
         n = getattr(mod, tensor_name).shape[dim]
         rows = torch.arange(n)
-        if rep > 1 and n == spec.num_kv_heads * d:
+        if i >= per_head:
+            ids.append(rows // rep)
+        elif rep > 1 and n == spec.num_kv_heads * d:
             ids.append(rows // d)  # key/value projections of grouped-query attention: one head per unit
+        elif spec.layout == "group" and n > q_rows:
+            ids.append(rows // ((rep + 2) * d))  # a fused projection laid out per kv-head group
         elif spec.layout == "head" and n > q_rows:
             ids.append(rows // (n // spec.num_heads) // rep)  # a fused projection laid out per head
         else:

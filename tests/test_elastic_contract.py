@@ -43,6 +43,7 @@ class Case:
         full_shape / active_shape: input shapes for the full layer and for the active subnet.
         size_attrs: constructor attributes the exported layer must have (e.g. ``{"out_features": 6}``).
         view_active: a config whose every sliced tensor is a prefix (so a view) for the view test.
+        copies: tensors sliced in several blocks, so copied once per forward (MoE ``gate_up_proj``).
     """
 
     name: str
@@ -56,6 +57,7 @@ class Case:
     size_attrs: dict[str, Any]
     state: dict[str, Any] = field(default_factory=dict)
     view_active: dict[str, Any] | None = None
+    copies: tuple[str, ...] = ()  # tensors whose slice is one copy by design (a dim of several blocks)
 
     def __str__(self) -> str:
         return self.name
@@ -156,7 +158,43 @@ def _timm_linear_case() -> Case | None:
                 full_shape=(3, 12), active_shape=(3, 8), size_attrs={"in_features": 8, "out_features": 6})
 
 
-CASES += [c for c in (_conv1d_case(), _batchnorm_act_case(), _timm_linear_case()) if c is not None]
+
+try:
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    class RoutedExperts(MixtralExperts):
+        """Mixtral's experts with a fixed routing (every token to experts 0 and 2): callable on one tensor."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            idx = torch.tensor([0, 2]).expand(x.shape[0], 2)
+            weights = torch.tensor([0.7, 0.3]).expand(x.shape[0], 2)
+            return super().forward(x, idx, weights)
+except ImportError:
+    RoutedExperts = None
+
+
+def _experts_case() -> Case | None:
+    """Mixtral's experts (3-D ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``): only with ``transformers``.
+    A fixed routing (every token to experts 0 and 2) makes the module callable on one tensor."""
+    if RoutedExperts is None:
+        return None
+    from transformers import MixtralConfig
+
+    from lightning_supernet.elastic.moe import ElasticExperts
+
+    def build(inter: int) -> nn.Module:
+        return RoutedExperts(MixtralConfig(hidden_size=8, intermediate_size=inter, num_local_experts=3))
+
+    return Case("mixtral_experts", lambda: build(6), lambda: build(4), ElasticExperts,
+                active={"active_intermediate": 4},
+                index={"gate_up_proj": (None, _rows(range(4), range(6, 10)), None),
+                       "down_proj": (None, None, range(4))},
+                full_shape=(5, 8), active_shape=(5, 8), size_attrs={"intermediate_dim": 4},
+                copies=("gate_up_proj",))  # two blocks (gate, up): its slice is one copy; down_proj's a view
+
+
+CASES += [c for c in (_conv1d_case(), _batchnorm_act_case(), _timm_linear_case(), _experts_case())
+          if c is not None]
 
 
 def test_every_registered_op_has_a_contract_case():
@@ -333,7 +371,7 @@ def test_prefix_slices_are_views_not_copies(case):
     tensors = dict(layer.named_parameters()) | dict(layer.named_buffers())
     checked = 0
     for name, t in tensors.items():
-        if t is None or t.dim() == 0:
+        if t is None or t.dim() == 0 or name in case.copies:
             continue
         sliced = layer.active_tensor(name, t)
         assert sliced.untyped_storage().data_ptr() == t.untyped_storage().data_ptr(), f"{name} was copied"

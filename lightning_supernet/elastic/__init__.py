@@ -3,7 +3,8 @@
 Each op is one file that declares its mixin and registers it (:func:`lightning_supernet.ops.register_op`):
 ``linear.py`` (``nn.Linear``), ``conv.py`` (dense, depthwise and grouped ``nn.Conv2d``), ``norm.py`` (BatchNorm,
 SyncBatchNorm, LayerNorm), ``norm_act.py`` and ``timm_linear.py`` (timm's ``BatchNormAct2d`` and ``Linear``),
-``conv1d.py`` (GPT-2's ``Conv1D``), ``attention.py`` (``nn.MultiheadAttention`` and the head setter), ``depth.py``
+``conv1d.py`` (GPT-2's ``Conv1D``), ``hf_linear.py`` (Falcon's ``FalconLinear``), ``moe.py`` (Mixtral's experts),
+``per_head.py`` (per-head tables), ``attention.py`` (``nn.MultiheadAttention`` and the head setter), ``depth.py``
 (skippable blocks), ``fastpath.py`` (guards for fused fast paths).
 
 Example:
@@ -18,6 +19,7 @@ from lightning_supernet.elastic.attention import ElasticMultiheadAttention, Head
 from lightning_supernet.elastic.conv import ElasticConv2d
 from lightning_supernet.elastic.conv1d import ElasticConv1D
 from lightning_supernet.elastic.depth import SkippableBlock
+from lightning_supernet.elastic import hf_linear, moe  # noqa: F401 - register their ops
 from lightning_supernet.elastic.fastpath import FastPathGuard, guard_fast_paths, register_fast_path
 from lightning_supernet.elastic.linear import ElasticLinear
 from lightning_supernet.elastic.norm import ElasticBatchNorm, ElasticLayerNorm

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_supernet.elastic.per_head import ElasticPerHead
 from lightning_supernet.elastic.base import ElasticMixin
 from lightning_supernet.elastic.registry import make_elastic
 from lightning_supernet.ir.heads import HeadSpec
@@ -74,6 +75,9 @@ class HeadSetter:
                           for p, a in spec.head_attrs + spec.size_attrs + spec.kv_attrs}
         for p in spec.paths:
             _elastic(anchor, p)
+        for p, _, _ in spec.per_head:
+            mod = anchor.get_submodule(p) if p else anchor
+            make_elastic(mod, ElasticPerHead)
 
     @property
     def anchor(self) -> nn.Module:
@@ -88,11 +92,13 @@ class HeadSetter:
         if spec.qkv is not None:
             fused = _elastic(anchor, spec.qkv)
             port = op_for(fused).ports["out"]
-            head_major = spec.layout == "head"
-            setattr(fused, port.active, None if full else (3 * width if head_major else width))
+            head_major = spec.layout in ("head", "group")
+            rows = (None if full else heads // spec.kv_group * (spec.kv_group + 2) * spec.head_dim
+                    if spec.layout == "group" else 3 * width if head_major else width)
+            setattr(fused, port.active, None if full else rows)
             if port.blocks:
                 setattr(fused, port.blocks, 1 if head_major else 3)
-        for path, w in ((spec.q, width), (spec.k, kv), (spec.v, kv)):
+        for path, w in ((spec.q, width), (spec.k, kv), (spec.v, kv), *((p, width) for p in spec.extra_q)):
             if path is not None:
                 proj = _elastic(anchor, path)
                 setattr(proj, op_for(proj).ports["out"].active, w)
@@ -102,6 +108,11 @@ class HeadSetter:
                   **{key: heads // spec.kv_group for key in spec.kv_attrs}}
         for (p, a), value in values.items():
             setattr(anchor.get_submodule(p) if p else anchor, a, self.originals[(p, a)] if full else value)
+        for p, name, dim in spec.per_head:
+            mod = anchor.get_submodule(p) if p else anchor
+            if not isinstance(mod, ElasticPerHead):  # a copy made before the setter existed
+                make_elastic(mod, ElasticPerHead)
+            mod.per_head_active = {**(mod.per_head_active or {}), name: (dim, None if full else heads)}
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -31,7 +31,8 @@ class SkippableBlock:
         skipped: when ``True`` the block is the identity (or returns zeros, with ``skip_mode="zero"``: its caller
             adds the residual).
         skip_output_len: ``None`` if the traced block returned a tensor, else the length of the tuple it returned
-            (the skipped block returns ``(x, None, ...)`` of that length).
+            (the skipped block returns ``(x, None, ...)`` of that length), or a template
+            ``("hidden", None, ("arg", 2), ("kw", "bias"))`` naming the inputs it returned unchanged (passed on).
 
     Example:
         >>> import torch.nn as nn
@@ -56,6 +57,9 @@ class SkippableBlock:
             hidden = torch.zeros_like(hidden)
         if self.skip_output_len is None:
             return hidden
+        if isinstance(self.skip_output_len, tuple):  # a template: inputs the block passes on unchanged (T5)
+            return (hidden, *(None if e is None else args[e[1]] if e[0] == "arg" else kwargs.get(e[1])
+                              for e in self.skip_output_len[1:]))
         return (hidden,) + (None,) * (self.skip_output_len - 1)
 
 

@@ -46,6 +46,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_supernet.integrations._hf_config import (
+    describe_issue,
+    extracted_path,
+    is_depth_key,
+    meta_build,
+    solve_config,
+    stack_keys,
+    with_value,
+)
 from lightning_supernet.integrations._subnet_io import (
     SubnetFormatError,
     apply_layout,
@@ -59,11 +68,11 @@ if TYPE_CHECKING:
     from lightning_supernet.module import SupernetModule
     from lightning_supernet.space import SubnetConfig
 
-__all__ = ["NonUniformSubnetError", "install", "is_pretrained_model", "load_subnet", "output_logits",
+__all__ = ["NonUniformSubnetError", "config_space", "install", "is_pretrained_model", "load_subnet", "output_logits",
            "save_subnet", "uniform_subnet"]
 
 _INSTALLED = False
-_PER_LAYER = ("intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+_MISSING = object()
 #: config attributes that hold the MLP width, by model family (BERT/Llama, OPT, DistilBERT, T5, GPT-2)
 _INTERMEDIATE = ("intermediate_size", "ffn_dim", "hidden_dim", "d_ff", "n_inner")
 
@@ -172,9 +181,17 @@ def finalize_extracted(small: nn.Module, cfg: SubnetConfig, supernet: SupernetMo
 def _layer_stack(orig: nn.Module, n: Any) -> str | None:
     if not isinstance(n, int) or isinstance(n, bool):
         return None
+    keys = [p for p, (k, i) in stack_keys(orig).items() if k == _depth_key(orig.config) and i is None]
+    if len(keys) == 1:
+        return keys[0]
     stacks = [p for p, m in orig.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == n
               and p]
     return stacks[0] if len(stacks) == 1 else None
+
+
+def _depth_key(config: Any) -> str:
+    attribute_map = getattr(config, "attribute_map", {}) or {}
+    return attribute_map.get("num_hidden_layers", "num_hidden_layers")
 
 
 def _intermediate_key(config: Any) -> str | None:
@@ -182,8 +199,7 @@ def _intermediate_key(config: Any) -> str | None:
 
 
 def _meta_build(cls: type, config: Any) -> nn.Module:
-    with torch.device("meta"):
-        return cls(config)
+    return meta_build(cls, config)
 
 
 def _layer_shape(small_layer: nn.Module, orig_layer: nn.Module, intermediate: Any) -> dict[str, int]:
@@ -192,7 +208,10 @@ def _layer_shape(small_layer: nn.Module, orig_layer: nn.Module, intermediate: An
     shape: dict[str, int] = {}
     for name, lin in orig_layer.named_modules():
         if isinstance(lin, nn.Linear) and lin.out_features == intermediate:
-            shape["intermediate_size"] = small_layer.get_submodule(name).out_features
+            try:
+                shape["intermediate_size"] = small_layer.get_submodule(name).out_features
+            except AttributeError:  # a sub-block of the layer was dropped
+                pass
             break
     for mod in small_layer.modules():
         spec = find_head_spec(mod)
@@ -204,73 +223,57 @@ def _layer_shape(small_layer: nn.Module, orig_layer: nn.Module, intermediate: An
 
 
 def _finalize_one(hf: nn.Module, orig: nn.Module, prefix: str, cfg: Mapping[str, Any]) -> None:
+    """Set the config keys that describe the subnet; never raises on a correct subnet: what the config cannot
+    describe becomes the reason ``save_pretrained`` refuses (per stack, in words)."""
     config = hf.config
-    ikey = _intermediate_key(config)
-    n = getattr(config, "num_hidden_layers", None)
-    stack = _layer_stack(orig, n)
     candidate = copy.deepcopy(config)
     shapes: list[dict[str, int]] = []
-    if stack is not None:
+    head_dim = None
+    ikey = _intermediate_key(config)
+    for stack, (key, index) in stack_keys(orig).items():
+        n = len(orig.get_submodule(stack))
         kept = [i for i in range(n) if cfg.get(f"{prefix}{stack}.{i}.keep", True)]
-        layers, orig_layers = hf.get_submodule(stack), orig.get_submodule(stack)
+        where = extracted_path(orig, stack, prefix, cfg)
+        if where is None:  # the stack sits in a block that was dropped: the config key cannot say so
+            continue
+        layers, orig_layers = hf.get_submodule(where), orig.get_submodule(stack)
+        if len(layers) != len(kept):
+            continue
         for i, (layer, source) in enumerate(zip(layers, kept, strict=True)):
             for mod in layer.modules():  # the KV cache is indexed by layer_idx: number the kept layers 0..k-1
                 if getattr(mod, "layer_idx", None) == source:
                     mod.layer_idx = i
-            shapes.append(_layer_shape(layer, orig_layers[source], getattr(config, ikey, None) if ikey else None))
-        candidate.num_hidden_layers = len(kept)
+            shape = _layer_shape(layer, orig_layers[source], getattr(config, ikey, None) if ikey else None)
+            shapes.append(shape)
+            head_dim = head_dim or shape.get("head_dim")
+        candidate = with_value(candidate, key, index, len(kept))
         layer_types = getattr(config, "layer_types", None)
-        if isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
+        if index is None and isinstance(layer_types, (list, tuple)) and len(layer_types) == n:
             candidate.layer_types = [layer_types[i] for i in kept]
-        depth_only = copy.deepcopy(candidate)
-        for key in _PER_LAYER:
-            values = {s[key] for s in shapes if key in s}
-            target = ikey if key == "intermediate_size" else key
-            if len(values) == 1 and target and getattr(config, target, None) is not None:
-                setattr(candidate, target, values.pop())
-    else:
-        depth_only = copy.deepcopy(candidate)
     issue = None
-    reference = _meta_build(type(hf), candidate)
-    diff = layout_diff(hf, reference)
-    if diff["shapes"]:
-        issue = _describe_issue(hf, shapes, diff)
-        candidate = depth_only
+    candidate, left = solve_config(hf, candidate, head_dim)
+    try:
+        diff = layout_diff(hf, _meta_build(type(hf), candidate))
+    except (SubnetFormatError, RuntimeError, ValueError) as err:
+        diff, left = {"shapes": {}, "attrs": {}}, left or {"<tree>": str(err)}
+    if left:
+        issue = describe_issue(hf, shapes, left)
     else:
         # same tensors everywhere: copy attributes that are stale copies of the old config (LlamaMLP keeps
         # `intermediate_size`) so the model equals what `from_pretrained` will build
+        reference = _meta_build(type(hf), candidate)
         for path, attrs in diff["attrs"].items():
             mod, ref = hf.get_submodule(path), reference.get_submodule(path)
             for key in attrs:
                 setattr(mod, key, getattr(ref, key))
-    keys = ("num_hidden_layers", "layer_types", ikey, *_PER_LAYER[1:])
-    for key in filter(None, keys):  # getattr/setattr follow the config's `attribute_map`
-        if hasattr(candidate, key) and getattr(config, key, None) != getattr(candidate, key):
-            setattr(config, key, getattr(candidate, key))
+    before = config.to_dict()
+    for key, value in candidate.to_dict().items():  # setattr follows the config's `attribute_map`
+        if before.get(key, _MISSING) != value and (not left or is_depth_key(candidate, key)):
+            try:
+                setattr(config, key, copy.deepcopy(getattr(candidate, key)))
+            except AttributeError:  # a derived property of the config class
+                pass
     _mark(hf, issue)
-
-
-def _describe_issue(hf: nn.Module, shapes: list[dict[str, int]], diff: Mapping[str, Any]) -> str:
-    config_name = type(hf.config).__name__
-    reasons = []
-    for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
-        values = [s.get(key) for s in shapes]
-        if len(set(values)) > 1:
-            reasons.append(f"the kept layers have {key} {values}, and a `{config_name}` holds one value for all "
-                           "layers")
-    heads = getattr(hf.config, "num_attention_heads", None)
-    if "head_dim" not in hf.config.to_dict() and any(s.get("num_attention_heads", heads) != heads for s in shapes):
-        reasons.append(f"`{config_name}` has no `head_dim`: it derives the head size as hidden_size // "
-                       "num_attention_heads, so fewer heads of the same size cannot be described (keep heads fixed "
-                       "with `space={'elastic': ['width', 'depth']}` to stay within it)")
-    name, shape = next(iter(diff["shapes"].items()))
-    example = f"`{name}` has shape {tuple(shape)}, which no value of the config gives"
-    reasons = "; ".join(reasons) + f" (e.g. {example})" if reasons else example
-    return (f"this subnet of `{type(hf).__name__}` cannot be saved with `save_pretrained`: {reasons}; so "
-            "`from_pretrained` could not rebuild it. HINT: save it with "
-            "`lightning_supernet.integrations.transformers.save_subnet(model, path)` and reload it with "
-            "`load_subnet(path)`, or extract a subnet with the same shape in every layer "
-            "(`uniform_subnet(supernet, ...)`)")
 
 
 def _refuse_save_pretrained(issue: str, *args: Any, **kwargs: Any) -> None:
@@ -284,6 +287,37 @@ def _mark(hf: nn.Module, issue: str | None) -> None:
         hf.save_pretrained = functools.partial(_refuse_save_pretrained, issue)
     else:
         hf.__dict__.pop("save_pretrained", None)
+
+
+def config_space(model: nn.Module, example_input: Any, loss_fn: Any = None, space: Mapping[str, Any] | None = None,
+                 **kwargs: Any) -> dict[str, Any]:
+    """``space=`` options that keep a Hugging Face model's search space describable by its config.
+
+    Each group of dims (the same dim in every layer) is tried at its smallest value on a copy of the model; a
+    group whose extracted subnet the config cannot describe (BERT's pooler width, heads of a config without
+    ``head_dim``) is added to ``exclude``. A subnet of the returned space saves with ``save_pretrained`` when its
+    layers agree (:func:`uniform_subnet`); any subnet saves with :func:`save_subnet`.
+
+    Args:
+        model: the ``PreTrainedModel`` (or a module holding one); not changed.
+        example_input: as for ``SupernetModule``. loss_fn: as for ``SupernetModule`` (default: cross-entropy).
+        space: your own options, extended. kwargs: more ``SupernetModule`` arguments.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> from lightning_supernet import SupernetModule
+        >>> bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=2, intermediate_size=64, num_labels=2)).eval()
+        >>> ex = {"input_ids": torch.randint(0, 50, (1, 6))}
+        >>> opts = config_space(bert, ex)
+        >>> sn = SupernetModule(bert, torch.nn.functional.cross_entropy, example_input=ex, space=opts)
+        >>> sn.extract(sn.search_space.smallest()).supernet_format_issue is None
+        True
+    """
+    from lightning_supernet.integrations._hf_space import config_space_options
+
+    return config_space_options(model, example_input, loss_fn or nn.functional.cross_entropy, space, **kwargs)
 
 
 # -- configs with one shape in every layer --------------------------------------------------------------------

@@ -34,6 +34,7 @@ ELEMENTWISE = frozenset({
     "Relu", "Gelu", "Silu", "Tanh", "Sigmoid", "Hardswish", "Hardsigmoid", "Hardtanh", "LeakyRelu", "Elu",
     "Mish", "Softplus", "Threshold", "Mul", "Add", "Sub", "Div", "Neg", "Rsub", "Pow", "Exp", "Sqrt", "Abs",
     "NativeDropout", "Clone", "ToCopy", "Clamp", "ClampMin", "ClampMax", "Alias", "Erf", "Prelu", "Where",
+    "GeLUFunction",  # BLOOM's custom autograd gelu (train mode)
     "Relu6", "LogSigmoid", "Log", "Reciprocal", "Rsqrt", "Maximum", "Minimum", "Square", "Sin", "Cos",
 })
 _REDUCTIONS = frozenset({"Mean", "Sum", "Amax", "Amin", "Max", "Min", "Std", "Var", "Logsumexp", "LinalgVectorNorm",

@@ -209,7 +209,7 @@ class _Walker:
 
 def _kind(module: nn.Module) -> str | None:
     op = op_for(module)
-    return None if op is None else op.role
+    return None if op is None or op.internal else op.role
 
 
 def couple(model: nn.Module, graph: ModuleGraph) -> Couplings:
@@ -227,6 +227,10 @@ def couple(model: nn.Module, graph: ModuleGraph) -> Couplings:
     walker = _Walker(model, graph)
     found = Couplings()
     for call in graph.calls:
+        op = op_for(walker.mods[call.path])
+        if op is not None and op.internal:  # a width inside the module (MoE experts): a group of its own
+            found.union((call.path, "out"), (call.path, "in"))
+            continue
         kind = walker.kinds.get(call.path)
         if kind not in ("transform", "channelwise") or not call.out_nodes:
             continue

@@ -33,6 +33,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_supernet.ir.block_outputs import extra_outputs_read, skip_output
 from lightning_supernet.ir.couplings import couple
 from lightning_supernet.ir.graph import Call, ModuleGraph, seq_nr
 from lightning_supernet.ir.heads import HeadSpec, find_head_specs, looks_like_attention
@@ -59,7 +60,7 @@ def module_kind(module: nn.Module) -> str | None:
         ('transform', 'channelwise', None)
     """
     op = op_for(module)
-    return None if op is None else op.role
+    return None if op is None or op.internal else op.role
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,8 @@ class SkipBlock:
 
     Attributes:
         path: the block. stack: its container. index: position in the container.
-        out_len: ``None`` if the block returns a tensor, else the length of its output tuple.
+        out_len: ``None`` if the block returns a tensor, else the length of its output tuple (or a template naming
+            the inputs it passes on, see ``SkippableBlock.skip_output_len``).
         mode: ``"identity"`` (the block adds its own residual: skipped, it returns its input) or ``"zero"`` (the
             caller adds the residual, ``h = h + block(h)``: skipped, it returns zeros).
 
@@ -154,7 +156,7 @@ class SkipBlock:
     path: str
     stack: str
     index: int
-    out_len: int | None
+    out_len: int | tuple | None
     mode: str = "identity"
 
     @property
@@ -322,6 +324,9 @@ def _head_groups(model: nn.Module, graph: ModuleGraph, found: Discovery) -> None
         if not specs:
             continue
         claimed.update(_join(path, p) for p in specs[0].paths)
+        if specs[0].fixed:  # recognised, but its design ties the heads (the reason says how)
+            found.frozen[f"{path}.heads" if path else "heads"] = specs[0].fixed
+            continue
         found.heads.append(HeadGroup(f"{path}.heads" if path else "heads", path, specs[0],
                                      candidates=tuple(specs[1:])))
     for path, node in graph.modules.items():
@@ -338,6 +343,9 @@ def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Kinds) -> t
     for path, container in model.named_modules():
         if not isinstance(container, (nn.ModuleList, nn.Sequential)) or len(container) < 2:
             continue
+        if isinstance(container, nn.ModuleList) and len({type(c).__dict__.get("_original_class", type(c))
+                                                          for c in container}) > 1:
+            continue  # a list of different layers is indexed by position (T5Block.layer[-1]), not a stack
         for index, (name, _) in enumerate(container.named_children()):
             child = f"{path}.{name}" if path else name
             node = graph.modules.get(child)
@@ -348,9 +356,9 @@ def _skippable_blocks(model: nn.Module, graph: ModuleGraph, walker: _Kinds) -> t
             if not weighted or not _contractible(call, graph):
                 continue
             if _is_residual(call, graph, walker):
-                blocks.append(SkipBlock(child, path, index, call.out_len))
+                blocks.append(SkipBlock(child, path, index, skip_output(call)))
             elif _residual_in_parent(call, graph):
-                blocks.append(SkipBlock(child, path, index, call.out_len, mode="zero"))
+                blocks.append(SkipBlock(child, path, index, skip_output(call), mode="zero"))
     # keep the finest granularity: a block that holds skippable blocks (a whole stage) is not one itself
     blocks = [b for b in blocks if not any(o.path.startswith(b.path + ".") for o in blocks)]
     for b in blocks:
@@ -384,7 +392,9 @@ def _contractible(call: Call, graph: ModuleGraph) -> bool:
     """Edge contraction is only valid if nothing outside the block reads the block's inner results."""
     if not call.in_nodes or not call.out_nodes or call.in_nodes[0] is None or call.out_nodes[0] is None:
         return False
-    if call.in_shapes[0] != call.out_shapes[0] or call.out_len == -1 or any(call.out_is_tensor[1:]):
+    if call.in_shapes[0] != call.out_shapes[0] or call.out_len == -1:
+        return False
+    if any(call.out_is_tensor[1:]) and extra_outputs_read(call, graph):
         return False
     sink = call.out_nodes[0]
     for node, parents in graph.parents.items():

@@ -76,6 +76,8 @@ class Call:
         in_shapes / out_shapes: shapes of the tensors passed in / returned (flattened).
         out_len: ``None`` when the call returned a tensor, else the length of the returned tuple/list.
         start / end: autograd sequence numbers bracketing the ops the call created.
+        out_from_inputs: for a tuple output, per item: ``("arg", j)`` / ``("kw", name)`` if the item is that input
+            tensor itself, returned unchanged (T5 blocks pass the shared position bias on), else ``None``.
 
     Example:
         >>> Call(0, "fc", ((2, 4),), ((2, 8),), None, 0, 3).owns(1)
@@ -92,6 +94,7 @@ class Call:
     in_nodes: tuple[Any, ...] = ()
     out_nodes: tuple[Any, ...] = ()
     out_is_tensor: tuple[bool, ...] = ()
+    out_from_inputs: tuple[Any, ...] = ()
 
     def owns(self, seq: int) -> bool:
         """Whether an autograd node with sequence number ``seq`` was created inside this call."""
@@ -295,6 +298,7 @@ def trace(model: nn.Module, example: Any, train: bool = False) -> ModuleGraph:
             start=start, end=_marker(),
             in_nodes=tuple(t.grad_fn for t in ins), out_nodes=tuple(t.grad_fn for t in outs),
             out_is_tensor=tuple(isinstance(o, torch.Tensor) for o in output) if isinstance(output, (tuple, list)) else (),
+            out_from_inputs=_from_inputs(args, kwargs, output),
         )
 
     handles = []
@@ -335,6 +339,15 @@ def trace(model: nn.Module, example: Any, train: bool = False) -> ModuleGraph:
             "nothing to discover"
         )
     return ModuleGraph(modules, calls, outputs, inputs)
+
+
+def _from_inputs(args: tuple, kwargs: dict, output: Any) -> tuple[Any, ...]:
+    """Which items of a tuple ``output`` are input tensors returned unchanged (see ``Call.out_from_inputs``)."""
+    if not isinstance(output, (tuple, list)):
+        return ()
+    where = {id(a): ("arg", j) for j, a in enumerate(args) if isinstance(a, torch.Tensor)}
+    where.update({id(v): ("kw", k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)})
+    return tuple(where.get(id(o)) if isinstance(o, torch.Tensor) else None for o in output)
 
 
 def _plain(value: Any) -> Any:

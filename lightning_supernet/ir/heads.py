@@ -37,7 +37,7 @@ from torch import nn
 
 from lightning_supernet.ops import op_for
 
-__all__ = ["HEAD_ATTRS", "HeadSpec", "find_head_spec", "find_head_specs", "looks_like_attention",
+__all__ = ["HEAD_ATTRS", "HeadSpec", "find_head_spec", "find_head_specs", "fixed_by_design", "looks_like_attention",
            "register_head_adapter"]
 
 #: attribute names that hold a head count; a module with one and no adapter is reported as unsupported.
@@ -55,11 +55,17 @@ class HeadSpec:
         head_dim: features per head (never elastic).
         q, k, v: separate projections, or ``qkv``: one fused projection.
         o: the output projection (its input columns are ``[heads][head_dim]``).
-        layout: of a fused projection's rows: ``"qkv"`` (``[3][heads][head_dim]``) or ``"head"``
-            (``[heads][3][head_dim]``).
+        layout: of a fused projection's rows: ``"qkv"`` (``[3][heads][head_dim]``), ``"head"``
+            (``[heads][3][head_dim]``) or ``"group"`` (``[kv heads][kv_group + 2][head_dim]``: each key/value
+            head's query heads, then its key and value, as Falcon's new decoder architecture).
         head_attrs: ``(relative module path, attribute)`` pairs set to the active query-head count.
         size_attrs: ``(path, attribute)`` pairs set to ``heads * head_dim``.
         kv_attrs: ``(path, attribute)`` pairs set to the active key/value-head count.
+        extra_q: more projections whose output rows are ``[heads][head_dim]`` like the query's (DeBERTa's
+            ``pos_key_proj``/``pos_query_proj`` of the relative embeddings), sliced with the query heads.
+        fixed: if set, the heads are recognised but fixed by the module's design; the reason, in words.
+        per_head: ``(path, tensor, dim)`` of tensors with one entry per query head beside the projections
+            (relative-position bias tables), sliced to the active heads.
 
     Example:
         >>> HeadSpec(num_heads=4, num_kv_heads=2, head_dim=8, q="q", k="k", v="v", o="o").kv_group
@@ -78,6 +84,9 @@ class HeadSpec:
     head_attrs: tuple[tuple[str, str], ...] = ()
     size_attrs: tuple[tuple[str, str], ...] = ()
     kv_attrs: tuple[tuple[str, str], ...] = ()
+    per_head: tuple[tuple[str, str, int], ...] = ()
+    extra_q: tuple[str, ...] = ()
+    fixed: str = ""
 
     @property
     def kv_group(self) -> int:
@@ -87,7 +96,7 @@ class HeadSpec:
     @property
     def paths(self) -> tuple[str, ...]:
         """The projections' paths (``""`` for a module that is its own fused projection)."""
-        return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o) if p is not None)
+        return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o, *self.extra_q) if p is not None)
 
 
 Adapter = Callable[[nn.Module], "HeadSpec | list[HeadSpec] | None"]
@@ -124,6 +133,9 @@ def find_head_specs(module: nn.Module) -> list[HeadSpec]:
         found = adapter(module)
         if found:
             specs = found if isinstance(found, list) else [found]
+            reason = fixed_by_design(module, specs[0])
+            if reason:
+                return [replace(specs[0], fixed=reason)]
             out: list[HeadSpec] = []
             for spec in specs:
                 for variant in _variants(module, spec):
@@ -131,6 +143,40 @@ def find_head_specs(module: nn.Module) -> list[HeadSpec]:
                         out.append(variant)
             return out
     return []
+
+
+def fixed_by_design(module: nn.Module, spec: HeadSpec) -> str:
+    """Why the heads of a recognised attention module cannot shrink on their own, in words ("" if they can).
+
+    * T5-style relative attention: the first block computes a bias with one entry per head and passes it to every
+      later block, so all blocks would need the same head count;
+    * talking-heads attention (CaiT): linear layers over the head dim mix the heads;
+    * attention that derives its head size from its input width (``C // num_heads``: timm's ``ClassAttn``);
+    * ALiBi attention (BLOOM): the per-head slopes are built by the model from the config's head count, outside
+      the attention module.
+
+    Example:
+        >>> fixed_by_design(nn.Linear(2, 2), HeadSpec(2, 2, 1, o="o"))
+        ''
+    """
+    cls = type(module).__dict__.get("_original_class", type(module))
+    names = {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
+    if hasattr(module, "has_relative_attention_bias"):
+        return ("fixed by design: the first block computes the relative-position bias with one entry per head and "
+                "passes it to every later block, so the blocks' head counts cannot differ (the library shrinks "
+                "heads per block)")
+    mixers = [n for n, c in module.named_children() if isinstance(c, nn.Linear) and n not in spec.paths
+              and c.in_features == c.out_features == spec.num_heads > 1]
+    if mixers:
+        return (f"fixed by design: talking-heads attention mixes the heads with `{'`, `'.join(mixers)}` (linear "
+                "layers over the head dim), so a head cannot be removed on its own")
+    if "timm.models.cait.ClassAttn" in names:
+        return ("fixed by design: `ClassAttn` derives its head size from its input width (C // num_heads), so "
+                "fewer heads would change the head size instead of removing heads")
+    if "transformers.models.bloom.modeling_bloom.BloomAttention" in names:
+        return ("fixed by design: BLOOM's ALiBi slopes (one per head) are built by `BloomModel` from "
+                "`config.n_head` outside the attention module and passed to every layer")
+    return ""
 
 
 def find_head_spec(module: nn.Module) -> HeadSpec | None:
@@ -155,8 +201,37 @@ def looks_like_attention(module: nn.Module) -> bool:
     return has_heads and any(_proj(module, n) is not None for n, _ in module.named_children())
 
 
+def _per_head_tensors(module: nn.Module, spec: HeadSpec) -> tuple[tuple[str, str, int], ...]:
+    """Parameters/buffers of the attention module (outside its projections) with a dim of ``num_heads`` entries;
+    a candidate only, kept if the layout verifies numerically."""
+    projections = {p for p in spec.paths}
+    found = []
+    for path, mod in module.named_modules():
+        if path in projections or any(path.startswith(p + ".") for p in projections if p):
+            continue
+        if op_for(mod) is not None and path != "":
+            continue
+        tensors = list(mod._parameters.items()) + [(n, b) for n, b in mod._buffers.items()
+                                                   if b is not None and b.is_floating_point()]
+        for name, t in tensors:
+            if t is None or t.dim() < 1:
+                continue
+            dims = [d for d in range(t.dim()) if t.shape[d] == spec.num_heads]
+            if dims and not (spec.num_heads == 1):
+                found.append((path, name, dims[-1]))
+    return tuple(found)
+
+
 def _variants(module: nn.Module, spec: HeadSpec) -> list[HeadSpec]:
-    """Layouts a fused projection may have, each with and without the size attributes that equal heads x dim."""
+    """Layouts a fused projection may have, each with and without the size attributes that equal heads x dim,
+    and with the per-head tensors beside the projections first, then without them."""
+    per_head = _per_head_tensors(module, spec) if not spec.per_head else ()
+    if per_head:
+        return [v for ph in (per_head, ()) for v in _plain_variants(module, replace(spec, per_head=ph))]
+    return _plain_variants(module, spec)
+
+
+def _plain_variants(module: nn.Module, spec: HeadSpec) -> list[HeadSpec]:
     if spec.qkv == "":
         return [spec]  # the module is its own fused projection (nn.MultiheadAttention): its op knows the layout
     width = spec.num_heads * spec.head_dim
@@ -168,7 +243,8 @@ def _variants(module: nn.Module, spec: HeadSpec) -> list[HeadSpec]:
     if len(extra) > 1:
         sizes += [spec.size_attrs + (e,) for e in extra]
     sizes = list(dict.fromkeys(sizes))
-    layouts = [spec.layout, "head" if spec.layout == "qkv" else "qkv"] if spec.qkv is not None else [spec.layout]
+    layouts = ([spec.layout, "head" if spec.layout == "qkv" else "qkv"] if spec.qkv is not None
+               and spec.layout != "group" else [spec.layout])
     return [replace(spec, layout=layout, size_attrs=size) for layout in layouts for size in sizes]
 
 
@@ -210,13 +286,35 @@ _O_NAMES = ("proj", "out_proj", "o_proj", "c_proj", "dense", "out_lin", "wo", "o
 def _fused_qkv(module: nn.Module) -> HeadSpec | None:
     qkv = _first(module, ("qkv", "c_attn", "query_key_value", "Wqkv", "qkv_proj", "in_proj", "to_qkv"))
     heads = _int_attr(module, HEAD_ATTRS)
+    attrs: tuple[tuple[str, str], ...] = (("", heads[0]),) if heads else ()
+    if heads is None and _int_attr(getattr(module, "config", None), ("num_attention_heads",)) is not None:
+        # the forward infers the head count from the shape (GPT-NeoX: `view(..., -1, 3 * head_size)`), so only
+        # the config knows it; the layout candidates are verified numerically like any other
+        heads = ("", module.config.num_attention_heads)
     o_name = _first(module, _O_NAMES, "in")
     if qkv is None or heads is None or o_name is None or _out(module, qkv) % (3 * heads[1]):
         return None
     head_dim = _out(module, qkv) // 3 // heads[1]
     if _in(module, o_name) != heads[1] * head_dim:
         return None
-    return HeadSpec(heads[1], heads[1], head_dim, o=o_name, qkv=qkv, head_attrs=(("", heads[0]),))
+    return HeadSpec(heads[1], heads[1], head_dim, o=o_name, qkv=qkv, head_attrs=attrs)
+
+
+@register_head_adapter
+def _grouped_fused_qkv(module: nn.Module) -> HeadSpec | None:
+    """A fused projection of ``kv * (group + 2) * head_dim`` rows with query and key/value head counts (Falcon's
+    new decoder architecture); plain multi-head (``group == 1``) is left to the ``[3][heads]`` adapter."""
+    qkv = _first(module, ("query_key_value", "qkv", "Wqkv"))
+    heads, kv = _int_attr(module, HEAD_ATTRS), _int_attr(module, ("num_kv_heads", "num_key_value_heads"))
+    o_name = _first(module, _O_NAMES, "in")
+    if qkv is None or heads is None or kv is None or o_name is None or heads[1] % kv[1] or kv[1] == heads[1]:
+        return None
+    group = heads[1] // kv[1]
+    head_dim = _in(module, o_name) // heads[1]
+    if not head_dim or _out(module, qkv) != kv[1] * (group + 2) * head_dim or head_dim * heads[1] != _in(module, o_name):
+        return None
+    return HeadSpec(heads[1], kv[1], head_dim, o=o_name, qkv=qkv, layout="group", head_attrs=(("", heads[0]),),
+                    kv_attrs=(("", kv[0]),))
 
 
 @register_head_adapter
@@ -253,23 +351,31 @@ def _separate_qkv(module: nn.Module) -> HeadSpec | None:
 def _hf_self_output(module: nn.Module) -> HeadSpec | None:
     inner = out = None
     inner_name = out_name = ""
+    names = ("query", "key", "value")
     for name, child in module.named_children():
-        if all(_proj(child, n) is not None for n in ("query", "key", "value")):
-            inner, inner_name = child, name
-        elif _proj(child, "dense", "in") is not None:
+        for triple in (("query", "key", "value"), ("query_proj", "key_proj", "value_proj")):
+            if all(_proj(child, n) is not None for n in triple):
+                inner, inner_name, names = child, name, triple
+        if _proj(child, "dense", "in") is not None:
             out, out_name = child, name
     if inner is None or out is None:
         return None
     heads = _int_attr(inner, HEAD_ATTRS)
     if heads is None:
         return None
-    head_dim = _out(inner, "query") // heads[1]
-    if _out(inner, "key") != heads[1] * head_dim or _in(out, "dense") != heads[1] * head_dim:
+    q, k, v = names
+    head_dim = _out(inner, q) // heads[1]
+    if _out(inner, k) != heads[1] * head_dim or _in(out, "dense") != heads[1] * head_dim:
         return None
+    width = heads[1] * head_dim
+    # other projections of the inner module with query-shaped rows (DeBERTa's pos_key_proj / pos_query_proj)
+    extra = tuple(f"{inner_name}.{n}" for n, c in inner.named_children() if n not in names
+                  and _proj(inner, n) is not None and _out(inner, n) == width and op_for(c).ports.get("in")
+                  and _in(inner, n) == _in(inner, q))
     size = (((inner_name, "all_head_size"),) if isinstance(getattr(inner, "all_head_size", None), int) else ())
-    return HeadSpec(heads[1], heads[1], head_dim, o=f"{out_name}.dense", q=f"{inner_name}.query",
-                    k=f"{inner_name}.key", v=f"{inner_name}.value", head_attrs=((inner_name, heads[0]),),
-                    size_attrs=size)
+    return HeadSpec(heads[1], heads[1], head_dim, o=f"{out_name}.dense", q=f"{inner_name}.{q}",
+                    k=f"{inner_name}.{k}", v=f"{inner_name}.{v}", head_attrs=((inner_name, heads[0]),),
+                    size_attrs=size, extra_q=extra)
 
 
 @register_head_adapter
