@@ -148,6 +148,54 @@ def test_bn_subnets_are_recalibrated_and_the_supernet_is_restored(dm, monkeypatc
     assert all(torch.equal(v, after[k]) for k, v in before.items())
 
 
+# -- stale studies: a study is tied to the weights it measured ------------------------------------------------------
+def test_a_study_measured_on_other_weights_is_refused_or_started_anew(dm, tmp_path):
+    from lightning_supernet.integrations._resume import weights_digest
+
+    sn = tiny_supernet()
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    kwargs = dict(storage=storage, limit_val_batches=1, seed=0, show_progress_bar=False, mlflow=False)
+    old_study, old_front = search_subnets(sn, dm, n_trials=4, **kwargs)
+    old = weights_digest(sn)
+    assert old_study.user_attrs["lightning_supernet"]["weights"] == old
+    assert {t.user_attrs["weights"] for t in old_study.trials} == {old}
+    again, _ = search_subnets(sn, dm, n_trials=1, **kwargs)  # same weights: resumed
+    assert again.study_name == old_study.study_name and len(again.trials) == 5
+    with torch.no_grad():  # "training" changes the weights
+        for p in sn.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    new = weights_digest(sn)
+    assert new != old
+    with pytest.raises(SearchError) as info:
+        search_subnets(sn, dm, n_trials=2, **kwargs)
+    text = str(info.value)
+    for part in (repr(old_study.study_name), str(tmp_path / "search.db"), old, new, "resume='new'",
+                 "resume='ignore_weights'"):
+        assert part in text
+    assert len(optuna.load_study(study_name=old_study.study_name, storage=storage).trials) == 5  # untouched
+
+    fresh, fresh_front = search_subnets(sn, dm, n_trials=3, resume="new", **kwargs)
+    assert fresh.study_name == f"{old_study.study_name}-w{new[:8]}"
+    assert len(fresh.trials) == 3 and {t.user_attrs["weights"] for t in fresh.trials} == {new}
+    assert {t.user_attrs.get("reused_from", 0) for t in fresh.trials} <= {"reference", 0, 1, 2}
+    assert fresh.trials[0].user_attrs["metrics"] != old_study.trials[0].user_attrs["metrics"]
+    assert [r["metrics"] for r in fresh_front] != [r["metrics"] for r in old_front]
+    resumed, _ = search_subnets(sn, dm, n_trials=1, resume="new", **kwargs)  # the same call resumes the new study
+    assert resumed.study_name == fresh.study_name and len(resumed.trials) == 4
+
+    search = SubnetSearch(sn, dm, resume="ignore_weights", **{k: v for k, v in kwargs.items()
+                                                             if k != "show_progress_bar"})
+    study = search.setup()
+    smallest = old_study.trials[1]
+    assert smallest.params == sn.search_space.smallest().to_dict()
+    study.enqueue_trial(smallest.params)  # a motif measured on the old weights
+    before = search.evaluations
+    search.run(n_trials=1, show_progress_bar=False)
+    t = study.trials[-1]
+    assert t.params == smallest.params and "reused_from" not in t.user_attrs and search.evaluations == before + 1
+    assert t.user_attrs["weights"] == new and t.user_attrs["metrics"] != smallest.user_attrs["metrics"]
+
+
 # -- storage: resume after SIGKILL, forked workers, PostgreSQL ------------------------------------------------------
 class _SlowSearch(SubnetSearch):
     def evaluate(self, cfg):
@@ -266,6 +314,7 @@ def test_unreachable_storage(supernet, dm, url, match):
     ({"constraints": {"params": "about half"}}, r"constraints\['params'\]"),
     ({"constraints": [("params", 0.5)]}, "must be a mapping"),
     ({"mlflow": 3}, "`mlflow` is 3"),
+    ({"resume": "yes"}, "`resume` is 'yes'; allowed: 'check', 'new', 'ignore_weights'"),
 ])
 def test_bad_arguments_name_the_argument(supernet, dm, kwargs, match):
     with pytest.raises(SearchError, match=match):

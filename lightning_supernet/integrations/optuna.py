@@ -37,10 +37,12 @@ from lightning_supernet.integrations._objectives import (
     parse_constraints,
     resolve_objectives,
 )
+from lightning_supernet.integrations._resume import weights_digest
 from lightning_supernet.integrations._storage import make_storage
 from lightning_supernet.integrations._study import (
     bn_state,
     calibration_loader,
+    check_arguments,
     check_feasible,
     check_metrics,
     has_batchnorm,
@@ -61,7 +63,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SearchResult", "SubnetSearch", "search_subnets"]
 
-_SAMPLERS = ("tpe", "nsga2", "gp", "random")
 _REPEATED_NOTICES = (r".*treespec.*", r".*does not have many workers.*", r".*limit_val_batches.*")
 
 
@@ -81,6 +82,11 @@ class SubnetSearch:
         storage: an Optuna storage URL or object; ``None`` keeps the study in memory.
         study_name: defaults to ``"supernet-<search space fingerprint>"``.
         load_if_exists: resume a study of the same name (its objectives and search space must match).
+        resume: a study of the same name measured on other weights (the supernet was retrained, or another
+            checkpoint is loaded; weights are compared by a digest of the ``state_dict``): ``"check"`` (default)
+            refuses with :class:`~lightning_supernet.errors.SearchError`, ``"new"`` starts (or resumes) the study
+            ``"<study_name>-w<digest>"``, ``"ignore_weights"`` continues it. Metrics measured on other weights are
+            never copied to a new trial of the same motif.
         limit_val_batches: validation batches per trial (int), or a fraction of the loader (float).
         latency_device: where ``latency_ms`` is measured (default: the supernet's device).
         bn_recalibration_batches: training batches used to re-estimate BatchNorm statistics before each
@@ -120,23 +126,16 @@ class SubnetSearch:
                  storage: Any = "sqlite:///search.db", study_name: str | None = None, load_if_exists: bool = True,
                  limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
                  bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
-                 seed: int | None = None, trainer_kwargs: Mapping[str, Any] | None = None) -> None:
+                 seed: int | None = None, trainer_kwargs: Mapping[str, Any] | None = None,
+                 resume: str = "check") -> None:
         if not hasattr(supernet, "search_space") or not hasattr(supernet, "subnet"):
             raise SearchError(f"`supernet` must be a SupernetModule, got {type(supernet).__name__}. "
                               "HINT: wrap the model first: `SupernetModule(model)`")
         if datamodule is None and val_dataloaders is None:
             raise SearchError("`datamodule` and `val_dataloaders` are both None; allowed: a LightningDataModule with "
                               "a `val_dataloader()`, or validation DataLoader(s)")
-        if limit_val_batches is not None and not (_is_int(limit_val_batches, 1) or (
-                isinstance(limit_val_batches, float) and 0 < limit_val_batches <= 1)):
-            raise SearchError(f"`limit_val_batches` is {limit_val_batches!r}; allowed: None, an int >= 1 (batches) "
-                              "or a float in (0, 1] (fraction of the loader)")
-        if bn_recalibration_batches is not None and not _is_int(bn_recalibration_batches, 0):
-            raise SearchError(f"`bn_recalibration_batches` is {bn_recalibration_batches!r}; allowed: None or an "
-                              "int >= 0")
-        if not (sampler is None or sampler in _SAMPLERS or hasattr(sampler, "sample_independent")):
-            raise SearchError(f"`sampler` is {sampler!r}; allowed: None, {', '.join(map(repr, _SAMPLERS))} or an "
-                              "optuna.samplers.BaseSampler")
+        check_arguments(limit_val_batches=limit_val_batches, bn_recalibration_batches=bn_recalibration_batches,
+                        sampler=sampler, resume=resume)
         self.supernet = supernet
         self.space = supernet.search_space
         self.datamodule = datamodule
@@ -147,6 +146,8 @@ class SubnetSearch:
         self.storage_spec = storage
         self.study_name = study_name or f"supernet-{self.space.fingerprint}"
         self.load_if_exists = load_if_exists
+        self.resume = resume
+        self.weights: str | None = None  # digest of the supernet's state_dict, taken by `setup`
         self.limit_val_batches = limit_val_batches
         self.latency_device = latency_device
         self.bn_recalibration_batches = bn_recalibration_batches
@@ -288,6 +289,7 @@ class SubnetSearch:
         cfg = self.suggest(trial)
         key = self.motif(cfg)
         trial.set_user_attr("motif", key)
+        trial.set_user_attr("weights", self.weights)
         hit = self.lookup(key)
         if hit is not None:
             metrics, source = hit
@@ -339,6 +341,7 @@ class SubnetSearch:
         import lightning.pytorch as pl
 
         storage, self._rdb = make_storage(self.storage_spec, self.heartbeat_interval)  # fail fast, before evaluating
+        self.weights = weights_digest(self.supernet)  # before BN recalibration touches any statistics
         self._trainer = pl.Trainer(**{
             "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
             "enable_model_summary": False, "devices": 1, "num_sanity_val_steps": 0,
@@ -350,7 +353,7 @@ class SubnetSearch:
         self._resolved = [c.resolve(self.reference) for c in self.constraints]
         if any(c.metric in COST_METRICS for c in self._resolved):
             check_feasible(self._resolved, self.constraints, self.costs(self.space.smallest()), self.reference)
-        self.study = open_study(self, storage)
+        self.study = open_study(self, storage, self._rdb)
         self._cache.setdefault(self.motif(largest), (self.reference, "reference"))
         self._load_cache()
         if self.tracking is not None:
@@ -440,6 +443,8 @@ class SubnetSearch:
         states = (_optuna().trial.TrialState.COMPLETE,)
         for t in self.study.get_trials(deepcopy=False, states=states):
             key, metrics = t.user_attrs.get("motif"), t.user_attrs.get("metrics")
+            if t.user_attrs.get("weights") != self.weights:  # measured on other weights: never copied
+                continue
             if key is not None and metrics is not None and key not in self._cache:
                 self._cache[key] = (metrics, t.user_attrs.get("reused_from", t.number))
 
@@ -452,7 +457,7 @@ def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule 
                    limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
                    bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
                    n_jobs: int = 1, show_progress_bar: bool | None = None, timeout: float | None = None,
-                   seed: int | None = None) -> SearchResult:
+                   seed: int | None = None, resume: str = "check") -> SearchResult:
     """Search a trained supernet for the best subnets under several objectives (see :class:`SubnetSearch`).
 
     Args:
@@ -480,7 +485,7 @@ def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule 
                           directions=directions, constraints=constraints, sampler=sampler, storage=storage,
                           study_name=study_name, load_if_exists=load_if_exists, limit_val_batches=limit_val_batches,
                           latency_device=latency_device, bn_recalibration_batches=bn_recalibration_batches,
-                          mlflow=mlflow, seed=seed)
+                          mlflow=mlflow, seed=seed, resume=resume)
     return search.run(n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar)
 
 
