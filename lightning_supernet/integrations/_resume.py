@@ -44,7 +44,7 @@ def weights_digest(module: torch.nn.Module) -> str:
         >>> m = torch.nn.Linear(3, 1)
         >>> before = weights_digest(m)
         >>> with torch.no_grad():
-        ...     m.bias.add_(1e-3)
+        ...     _ = m.bias.add_(1e-3)
         >>> weights_digest(m) != before
         True
     """
