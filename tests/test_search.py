@@ -232,6 +232,70 @@ def test_resume_after_sigkill_loses_no_completed_trial(supernet, dm, tmp_path):
     assert len(after) == len(before) + 3
 
 
+class _Beating(SubnetSearch):
+    heartbeat_interval, grace_period = 1, 2  # a killed trial is stale after 2 s (sqlite's clock has 1 s steps)
+
+
+class _HangsOnTrial(_Beating):
+    hang_on = 0
+
+    def objective(self, trial):
+        if trial.number == self.hang_on:
+            import time
+
+            time.sleep(600)
+        return super().objective(trial)
+
+
+def _run_and_hang(supernet, dm, storage, hang_on, total_trials=None):
+    torch.set_num_threads(1)
+    cls = type("Hangs", (_HangsOnTrial,), {"hang_on": hang_on})
+    search = cls(supernet, dm, storage=storage, study_name="hb", limit_val_batches=1, seed=0, mlflow=False)
+    if total_trials is None:
+        search.run(n_trials=50)
+    else:
+        search.run(n_trials=None, total_trials=total_trials)
+
+
+def _kill_in_trial(supernet, dm, tmp_path, hang_on, total_trials=None):
+    """Start a search in a forked process, SIGKILL it while trial `hang_on` runs (after its first heartbeat)."""
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    proc = multiprocessing.get_context("fork").Process(
+        target=_run_and_hang, args=(supernet, dm, storage, hang_on, total_trials))
+    proc.start()
+
+    def hanging():
+        try:
+            with sqlite3.connect(tmp_path / "search.db", timeout=30) as con:
+                return con.execute("SELECT count(*) FROM trial_heartbeats h JOIN trials t USING (trial_id) "
+                                   "WHERE t.number = ? AND t.state = 'RUNNING'", (hang_on,)).fetchone()[0] > 0
+        except sqlite3.OperationalError:  # the tables do not exist yet
+            return False
+
+    kill_when(proc, hanging)
+    assert proc.exitcode == -9
+    return storage
+
+
+def test_a_trial_killed_while_running_the_largest_subnet_is_failed_and_the_largest_enqueued_again(
+        supernet, dm, tmp_path):
+    storage = _kill_in_trial(supernet, dm, tmp_path, hang_on=0)
+    study = optuna.load_study(study_name="hb", storage=storage)
+    assert [t.state.name for t in study.trials] == ["RUNNING", "WAITING"]  # the largest was running, then killed
+    import time
+
+    time.sleep(3.2)  # past the grace period
+    search = _Beating(supernet, dm, storage=storage, study_name="hb", limit_val_batches=1, seed=0, mlflow=False)
+    study, front = search.run(n_trials=2)
+    largest, smallest = supernet.search_space.largest().to_dict(), supernet.search_space.smallest().to_dict()
+    assert study.trials[0].state.name == "FAIL" and "fail_reason" not in study.trials[0].user_attrs
+    planned = [t.system_attrs.get("fixed_params", t.params) for t in study.trials]  # also before `suggest` ran
+    assert [t.state.name for t, p in zip(study.trials, planned) if p == largest] == ["FAIL", "COMPLETE"]
+    assert [t.state.name for t, p in zip(study.trials, planned) if p == smallest] == ["COMPLETE"]
+    assert not [t for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    assert front
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_forked_workers_share_a_study(supernet, dm, tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'search.log'}"

@@ -28,7 +28,7 @@ from lightning_supernet.integrations import require
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["RESUME_MODES", "TotalTrials", "claim", "counted_trials", "ensure_extremes", "fail_stale", "killed", "weights_digest"]
+__all__ = ["RESUME_MODES", "RequeueExtremes", "TotalTrials", "claim", "counted_trials", "ensure_extremes", "fail_stale", "killed", "weights_digest"]
 
 #: how a study measured on other weights is treated (see ``SubnetSearch``'s ``resume=``)
 RESUME_MODES = ("check", "new", "ignore_weights")
@@ -193,3 +193,25 @@ def fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+
+
+class RequeueExtremes:
+    """Optuna's ``heartbeat_stale_trial_callback``: after a stale trial is marked FAIL, enqueue the extremes again
+    if that trial was running one of them (:func:`ensure_extremes`).
+
+    Example:
+        >>> import optuna
+        >>> cb = RequeueExtremes({"largest": {"w": 8}})
+        >>> study = optuna.create_study()
+        >>> cb(study, optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL, params={"w": 8},
+        ...    distributions={"w": optuna.distributions.CategoricalDistribution([4, 8])}))
+        >>> [t.system_attrs["fixed_params"] for t in study.trials]
+        [{'w': 8}]
+    """
+
+    def __init__(self, configs: Mapping[str, Mapping[str, Any]], rdb: Any = None) -> None:
+        self.configs = configs
+        self.rdb = rdb
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        ensure_extremes(study, self.rdb, self.configs)

@@ -45,13 +45,18 @@ def redact(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def make_storage(spec: Any, heartbeat_interval: int | None = None) -> tuple[Any, Any]:
+def make_storage(spec: Any, heartbeat_interval: int | None = None, *, grace_period: int | None = None,
+                 stale_callback: Any = None) -> tuple[Any, Any]:
     """``(storage for optuna.create_study, the RDBStorage behind it or None)``.
 
     Args:
         spec: a URL (``sqlite:///...``, ``postgresql+psycopg2://...``, ``journal:<file>``), a storage, or ``None``.
-        heartbeat_interval: RDB only: seconds between trial heartbeats, so that a worker marks the RUNNING
-            trials of a killed worker FAIL after twice this long (costs a thread and a write per trial).
+        heartbeat_interval: RDB only: seconds between trial heartbeats (Optuna's heartbeat thread, one write per
+            interval), so that a worker marks the RUNNING trials of a killed worker FAIL.
+        grace_period: RDB only: seconds without a heartbeat after which a RUNNING trial is stale (``None``:
+            twice ``heartbeat_interval``).
+        stale_callback: RDB only: Optuna's ``heartbeat_stale_trial_callback``, called with ``(study, trial)`` for
+            each stale trial marked FAIL.
 
     Raises:
         StorageError: an unparsable URL, a missing SQLite folder, or a database that cannot be reached.
@@ -92,7 +97,9 @@ def make_storage(spec: Any, heartbeat_interval: int | None = None) -> tuple[Any,
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
         engine_kwargs["pool_pre_ping"] = True
     try:
-        rdb = _open_rdb(optuna, url, engine_kwargs, heartbeat_interval)
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+                     "heartbeat_stale_trial_callback": stale_callback} if heartbeat_interval else {}
+        rdb = _open_rdb(optuna, url, engine_kwargs, heartbeat)
     except ImportError as err:
         raise MissingDependencyError(
             f"`storage`={redact(url)!r} needs a database driver that is not installed ({err}). HINT: pip install "
@@ -118,7 +125,7 @@ def _journal(optuna: Any, path: str) -> Any:
     return optuna.storages.JournalStorage(JournalFileBackend(str(Path(path).expanduser())))
 
 
-def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], heartbeat_interval: int | None,
+def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], heartbeat: dict[str, Any],
               attempts: int = 5) -> Any:
     # Workers that start together on a fresh database race to create its tables ("table ... already exists",
     # a duplicate version row): the loser retries and then finds the schema in place.
@@ -126,8 +133,7 @@ def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], heartbeat_in
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=heartbeat_interval)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except Exception as err:
             text = str(err).lower()
             if attempt + 1 == attempts or not any(w in text for w in ("already exists", "duplicate", "unique")):

@@ -233,7 +233,7 @@ def load_study(search: SubnetSearch) -> tuple[optuna.Study, Any, list[Objective]
         SearchError: no study of that name, or one made for another search space.
     """
     optuna = require("optuna", "optuna", "the subnet search")
-    storage, rdb = make_storage(search.storage_spec, search.heartbeat_interval)
+    storage, rdb = make_storage(search.storage_spec, search.heartbeat_interval, grace_period=search.grace_period)
     try:
         study = optuna.load_study(study_name=search.study_name, storage=storage)
     except KeyError as err:

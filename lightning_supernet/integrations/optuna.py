@@ -37,7 +37,7 @@ from lightning_supernet.integrations._objectives import (
     parse_constraints,
     resolve_objectives,
 )
-from lightning_supernet.integrations._resume import weights_digest
+from lightning_supernet.integrations._resume import RequeueExtremes, weights_digest
 from lightning_supernet.integrations._storage import make_storage
 from lightning_supernet.integrations._study import (
     bn_state,
@@ -113,9 +113,11 @@ class SubnetSearch:
     enqueue_extremes: bool = True
     #: exceptions that fail one trial instead of stopping the search
     catch: tuple[type[Exception], ...] = ()
-    #: RDB storages: seconds between trial heartbeats (``None``: off). With e.g. 60, a worker marks the RUNNING
-    #: trials of a killed worker FAIL after two minutes; it costs a thread and a write per trial.
-    heartbeat_interval: int | None = None
+    #: RDB storages: seconds between trial heartbeats (``None``: off), and seconds without one after which a RUNNING
+    #: trial counts as killed (``None``: twice the interval). A search (or worker) marks such trials FAIL when it
+    #: starts and before each trial, and enqueues the largest/smallest subnet again if a killed trial ran them.
+    heartbeat_interval: int | None = 10
+    grace_period: int | None = 30
     #: Optuna's log level while the search runs (its per-trial INFO lines are replaced by the progress bar)
     optuna_verbosity: int = 30
 
@@ -340,7 +342,12 @@ class SubnetSearch:
             return self.study
         import lightning.pytorch as pl
 
-        storage, self._rdb = make_storage(self.storage_spec, self.heartbeat_interval)  # fail fast, before evaluating
+        requeue = RequeueExtremes({"largest": self.space.largest().to_dict(),
+                                   "smallest": self.space.smallest().to_dict()}) if self.enqueue_extremes else None
+        storage, self._rdb = make_storage(self.storage_spec, self.heartbeat_interval,  # fail fast, before evaluating
+                                          grace_period=self.grace_period, stale_callback=requeue)
+        if requeue is not None:
+            requeue.rdb = self._rdb
         self.weights = weights_digest(self.supernet)  # before BN recalibration touches any statistics
         self._trainer = pl.Trainer(**{
             "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
