@@ -296,6 +296,25 @@ def test_a_trial_killed_while_running_the_largest_subnet_is_failed_and_the_large
     assert front
 
 
+def test_total_trials_is_reached_over_a_kill_and_resumes_without_overshooting(supernet, dm, tmp_path):
+    storage = _kill_in_trial(supernet, dm, tmp_path, hang_on=3, total_trials=6)  # killed inside its 4th trial
+    import time
+
+    time.sleep(3.2)  # past the grace period: the killed trial is stale
+
+    def resume(**kwargs):
+        search = _Beating(supernet, dm, storage=storage, study_name="hb", limit_val_batches=1, seed=0, mlflow=False)
+        return search.run(**kwargs).study
+
+    study = resume(n_trials=None, total_trials=6)
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 6 and states.count("FAIL") == 1 and len(states) == 7
+    assert study.trials[3].state.name == "FAIL"  # the killed one: redone, not counted
+    assert len(resume(n_trials=50, total_trials=6).trials) == 7  # the total is reached: nothing more runs
+    assert len(resume(n_trials=2, total_trials=20).trials) == 9  # n_trials caps one call
+    assert len(resume(n_trials=None, total_trials=10).trials) == 11  # 10 counted + the killed one
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_forked_workers_share_a_study(supernet, dm, tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'search.log'}"
@@ -391,6 +410,10 @@ def test_run_arguments_and_resuming_with_other_objectives(supernet, dm, tmp_path
         search.run(n_trials=2, n_jobs=2)
     with pytest.raises(SearchError, match="`n_trials` is -1"):
         search.run(n_trials=-1)
+    with pytest.raises(SearchError, match="`total_trials` is 2.5"):
+        search.run(total_trials=2.5)
+    with pytest.raises(SearchError, match="`n_trials` and `total_trials` are both None"):
+        search.run(n_trials=None)
     storage = f"sqlite:///{tmp_path / 's.db'}"
     _search(supernet, dm, storage=storage, study_name="x").run(n_trials=1)
     with pytest.raises(SearchError, match="HINT: pass another `study_name`"):

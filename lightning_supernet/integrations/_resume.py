@@ -28,7 +28,8 @@ from lightning_supernet.integrations import require
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["RESUME_MODES", "RequeueExtremes", "TotalTrials", "claim", "counted_trials", "ensure_extremes", "fail_stale", "killed", "weights_digest"]
+__all__ = ["RESUME_MODES", "RequeueExtremes", "TotalTrials", "claim", "counted_trials", "ensure_extremes", "fail_stale", "killed",
+           "measured_motifs", "trials_left", "weights_digest"]
 
 #: how a study measured on other weights is treated (see ``SubnetSearch``'s ``resume=``)
 RESUME_MODES = ("check", "new", "ignore_weights")
@@ -92,6 +93,40 @@ def counted_trials(study: optuna.Study) -> int:
         if t.state.name in ("COMPLETE", "PRUNED", "RUNNING") or (t.state.name == "FAIL" and not killed(t)):
             n += 1
     return n
+
+
+def trials_left(study: optuna.Study, n_trials: int | None, total_trials: int | None) -> int | None:
+    """Trials a run should start: ``n_trials``, or what ``total_trials`` still lacks (capped by ``n_trials``).
+
+    Example:
+        >>> import optuna
+        >>> trials_left(optuna.create_study(), None, 5), trials_left(optuna.create_study(), 3, 5)
+        (5, 3)
+    """
+    if total_trials is None:
+        return n_trials
+    left = max(0, total_trials - counted_trials(study))
+    return left if n_trials is None else min(n_trials, left)
+
+
+def measured_motifs(study: optuna.Study, weights: str | None) -> dict[str, tuple[dict[str, float], int | str]]:
+    """``{motif: (metrics, trial number or "reference")}`` of the COMPLETE trials measured on ``weights`` (the
+    motif cache: a trial measured on other weights is never copied).
+
+    Example:
+        >>> import optuna
+        >>> measured_motifs(optuna.create_study(), "abc")
+        {}
+    """
+    out: dict[str, tuple[dict[str, float], int | str]] = {}
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        if t.state.name != "COMPLETE" or attrs.get("weights") != weights:
+            continue
+        key, metrics = attrs.get("motif"), attrs.get("metrics")
+        if key is not None and metrics is not None and key not in out:
+            out[key] = (metrics, attrs.get("reused_from", t.number))
+    return out
 
 
 class TotalTrials:

@@ -14,6 +14,7 @@ import difflib
 import math
 import multiprocessing
 import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,9 +29,17 @@ from lightning_supernet.integrations._objectives import (
     COST_METRICS,
     Constraint,
     Objective,
+    SearchResult,
     resolve_objectives,
 )
-from lightning_supernet.integrations._resume import RESUME_MODES, ensure_extremes, fail_stale, weights_digest
+from lightning_supernet.integrations._resume import (
+    RESUME_MODES,
+    TotalTrials,
+    ensure_extremes,
+    fail_stale,
+    trials_left,
+    weights_digest,
+)
 from lightning_supernet.integrations._storage import make_storage, prepare_fork, redact, reopen_after_fork
 
 if TYPE_CHECKING:
@@ -40,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SAMPLERS", "bn_state", "calibration_loader", "check_arguments", "check_feasible", "check_metrics",
            "check_run_arguments", "has_batchnorm", "is_int", "load_study", "open_study", "restore_bn_state",
-           "run_forked", "val_loaders"]
+           "run_forked", "run_search", "val_loaders", "warn_if_empty"]
 
 _META = "lightning_supernet"
 
@@ -254,6 +263,43 @@ def load_study(search: SubnetSearch) -> tuple[optuna.Study, Any, list[Objective]
     return study, rdb, objectives
 
 
+def run_search(search: SubnetSearch, n_trials: int | None, *, n_jobs: int = 1, timeout: float | None = None,
+               show_progress_bar: bool | None = None, total_trials: int | None = None) -> SearchResult:
+    """The body of :meth:`SubnetSearch.run <lightning_supernet.integrations.optuna.SubnetSearch.run>`: set up,
+    run the trials this call owes (here or in forked workers), restore BatchNorm statistics, track, and return.
+
+    Example:
+        >>> study, front = run_search(search, 10)  # doctest: +SKIP
+    """
+    check_run_arguments(n_trials, n_jobs, total_trials, search.storage_spec)
+    optuna = require("optuna", "optuna", "the subnet search")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(search.optuna_verbosity)
+    try:
+        search.setup()
+        if show_progress_bar is None:
+            show_progress_bar = sys.stderr.isatty()
+        search._total = None if total_trials is None else TotalTrials(total_trials)
+        n_trials = trials_left(search.study, n_trials, total_trials)
+        if n_trials and n_jobs == 1:
+            search._optimize(n_trials, timeout, show_progress_bar)
+        elif n_trials:
+            run_forked(search, n_trials, n_jobs, timeout)
+    except BaseException:
+        if search.tracking is not None and search.study is not None:
+            search.tracking.abort(search)  # the trials so far get their runs; the parent run is marked FAILED
+        raise
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        if getattr(search, "_bn_state", None):
+            restore_bn_state(search.supernet, search._bn_state)
+    front = search.pareto_front()
+    warn_if_empty(search.study, front, search._resolved)
+    if search.tracking is not None:
+        search.tracking.finish(search, front)
+    return SearchResult(search.study, front)
+
+
 def run_forked(search: SubnetSearch, n_trials: int, n_jobs: int, timeout: float | None) -> None:
     """Split ``n_trials`` over ``n_jobs`` forked processes sharing the study's storage; wait for all.
 
@@ -326,6 +372,19 @@ def calibration_loader(search: SubnetSearch) -> Any:
             except (NotImplementedError, MisconfigurationException):
                 search._calibration = None
     return search._calibration
+
+
+def warn_if_empty(study: optuna.Study, front: Sequence[Any], resolved: Sequence[Constraint]) -> None:
+    """Warn when trials completed but none meets the constraints (the Pareto front is empty).
+
+    Example:
+        >>> warn_if_empty(None, [{"trial": 0}], [])  # a front: nothing to say
+    """
+    if front or not resolved:
+        return
+    if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        warnings.warn(f"no completed trial meets the constraints ({'; '.join(c.describe() for c in resolved)}): the "
+                      "Pareto front is empty. HINT: loosen them or run more trials", stacklevel=5)
 
 
 def has_batchnorm(module: torch.nn.Module) -> bool:

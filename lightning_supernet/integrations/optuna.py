@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,7 +36,7 @@ from lightning_supernet.integrations._objectives import (
     parse_constraints,
     resolve_objectives,
 )
-from lightning_supernet.integrations._resume import RequeueExtremes, weights_digest
+from lightning_supernet.integrations._resume import RequeueExtremes, measured_motifs, weights_digest
 from lightning_supernet.integrations._storage import make_storage
 from lightning_supernet.integrations._study import (
     bn_state,
@@ -49,7 +48,7 @@ from lightning_supernet.integrations._study import (
     load_study,
     open_study,
     restore_bn_state,
-    run_forked,
+    run_search,
     val_loaders,
 )
 
@@ -382,56 +381,32 @@ class SubnetSearch:
         self.study, self._rdb, self.objectives = load_study(self)
         return self.study
 
-    def run(self, n_trials: int = 50, *, n_jobs: int = 1, timeout: float | None = None,
-            show_progress_bar: bool | None = None) -> SearchResult:
+    def run(self, n_trials: int | None = 50, *, n_jobs: int = 1, timeout: float | None = None,
+            show_progress_bar: bool | None = None, total_trials: int | None = None) -> SearchResult:
         """Run ``n_trials`` more trials (split over ``n_jobs`` forked worker processes) and return the result.
 
+        With ``total_trials``, run until the study holds that many trials, counting earlier runs (Optuna's
+        ``MaxTrialsCallback`` idiom): complete, pruned and failed trials and those other workers are running
+        count; trials killed with their process do not (they are redone), nor does a trial killed less than
+        ``grace_period`` seconds ago that has not been marked FAIL yet. ``n_trials`` (``None``: no limit) then caps
+        what this call runs.
+
         Raises:
-            SearchError: a bad ``n_trials``/``n_jobs``, or ``n_jobs > 1`` without a shared storage.
+            SearchError: a bad ``n_trials``/``n_jobs``/``total_trials``, or ``n_jobs > 1`` without a shared
+                storage.
             InfeasibleConstraintsError: even the smallest subnet breaks a cost constraint.
             StorageError: the storage cannot be reached.
 
         Example:
             >>> study, front = SubnetSearch(supernet, dm, storage=None).run(n_trials=30)  # doctest: +SKIP
         """
-        if not _is_int(n_trials, 0):
-            raise SearchError(f"`n_trials` is {n_trials!r}; allowed: an int >= 0")
-        if not _is_int(n_jobs, 1):
-            raise SearchError(f"`n_jobs` is {n_jobs!r}; allowed: an int >= 1 (worker processes)")
-        if n_jobs > 1 and self.storage_spec is None:
-            raise SearchError(f"`n_jobs`={n_jobs} needs a storage the workers share, but `storage` is None "
-                              "(in memory); allowed: e.g. 'sqlite:///search.db' or a PostgreSQL URL")
-        optuna = _optuna()
-        verbosity = optuna.logging.get_verbosity()
-        optuna.logging.set_verbosity(self.optuna_verbosity)
-        try:
-            self.setup()
-            if show_progress_bar is None:
-                show_progress_bar = sys.stderr.isatty()
-            if n_jobs == 1:
-                self._optimize(n_trials, timeout, show_progress_bar)
-            else:
-                run_forked(self, n_trials, n_jobs, timeout)
-        except BaseException:
-            if self.tracking is not None and self.study is not None:
-                self.tracking.abort(self)  # the trials so far get their runs; the parent run is marked FAILED
-            raise
-        finally:
-            optuna.logging.set_verbosity(verbosity)
-            if getattr(self, "_bn_state", None):
-                restore_bn_state(self.supernet, self._bn_state)
-        front = self.pareto_front()
-        completed = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if completed and not front and self._resolved:
-            warnings.warn(f"no completed trial meets the constraints ({'; '.join(c.describe() for c in self._resolved)}"
-                          "): the Pareto front is empty. HINT: loosen them or run more trials", stacklevel=2)
-        if self.tracking is not None:
-            self.tracking.finish(self, front)
-        return SearchResult(self.study, front)
+        return run_search(self, n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar,
+                          total_trials=total_trials)
 
     def _optimize(self, n_trials: int, timeout: float | None, show_progress_bar: bool) -> None:
+        callbacks = [self._after_trial] + ([self._total] if getattr(self, "_total", None) else [])
         self.study.optimize(self._objective, n_trials=n_trials, timeout=timeout, catch=self.catch,
-                            callbacks=[self._after_trial], show_progress_bar=show_progress_bar, gc_after_trial=False)
+                            callbacks=callbacks, show_progress_bar=show_progress_bar, gc_after_trial=False)
 
     def _objective(self, trial: optuna.Trial) -> list[float]:
         try:
@@ -447,28 +422,26 @@ class SubnetSearch:
             self.tracking.log_trial(self, trial)
 
     def _load_cache(self) -> None:
-        states = (_optuna().trial.TrialState.COMPLETE,)
-        for t in self.study.get_trials(deepcopy=False, states=states):
-            key, metrics = t.user_attrs.get("motif"), t.user_attrs.get("metrics")
-            if t.user_attrs.get("weights") != self.weights:  # measured on other weights: never copied
-                continue
-            if key is not None and metrics is not None and key not in self._cache:
-                self._cache[key] = (metrics, t.user_attrs.get("reused_from", t.number))
+        for key, hit in measured_motifs(self.study, self.weights).items():
+            self._cache.setdefault(key, hit)
 
 
 def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule | None = None, *,
                    val_dataloaders: Any = None, objectives: str | Sequence[str] = ("val_acc", "params"),
                    directions: Sequence[str] | Mapping[str, str] | None = None,
-                   constraints: Mapping[str, Any] | None = None, n_trials: int = 50, sampler: Any = None,
+                   constraints: Mapping[str, Any] | None = None, n_trials: int | None = 50, sampler: Any = None,
                    storage: Any = "sqlite:///search.db", study_name: str | None = None, load_if_exists: bool = True,
                    limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
                    bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
                    n_jobs: int = 1, show_progress_bar: bool | None = None, timeout: float | None = None,
-                   seed: int | None = None, resume: str = "check") -> SearchResult:
+                   seed: int | None = None, resume: str = "check", total_trials: int | None = None) -> SearchResult:
     """Search a trained supernet for the best subnets under several objectives (see :class:`SubnetSearch`).
 
     Args:
-        n_trials: trials this call runs (a resumed study keeps its earlier trials and adds these).
+        n_trials: trials this call runs (a resumed study keeps its earlier trials and adds these); with
+            ``total_trials``, at most this many (``None``: no limit).
+        total_trials: run until the study holds this many trials over all its runs, so that a killed and resumed
+            search reaches the total instead of adding ``n_trials`` each time (see :meth:`SubnetSearch.run`).
         n_jobs: worker processes (forked; they share the study through ``storage``).
         show_progress_bar: Optuna's progress bar (default: when stderr is a terminal).
         timeout: stop starting trials after this many seconds.
@@ -493,14 +466,11 @@ def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule 
                           study_name=study_name, load_if_exists=load_if_exists, limit_val_batches=limit_val_batches,
                           latency_device=latency_device, bn_recalibration_batches=bn_recalibration_batches,
                           mlflow=mlflow, seed=seed, resume=resume)
-    return search.run(n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar)
+    return search.run(n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar,
+                      total_trials=total_trials)
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
 def _optuna() -> Any:
     return require("optuna", "optuna", "the subnet search")
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
