@@ -315,6 +315,52 @@ def test_total_trials_is_reached_over_a_kill_and_resumes_without_overshooting(su
     assert len(resume(n_trials=None, total_trials=10).trials) == 11  # 10 counted + the killed one
 
 
+def test_workers_that_saw_the_same_empty_study_enqueue_the_extremes_once(tmp_path):
+    from lightning_supernet.integrations._resume import ensure_extremes
+    from lightning_supernet.integrations._storage import make_storage
+
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    (_, a), (_, b) = make_storage(url), make_storage(url)  # two connections, as two processes have
+    study_a = optuna.create_study(storage=a, study_name="x")
+    study_b = optuna.load_study(storage=b, study_name="x")
+    extremes = {"largest": {"w": 8}, "smallest": {"w": 2}}
+    seen = study_a.get_trials()  # both checked before either enqueued
+    assert ensure_extremes(study_a, a, extremes, seen) == ["largest", "smallest"]
+    assert ensure_extremes(study_b, b, extremes, seen) == []
+    assert [t.system_attrs["fixed_params"] for t in study_b.get_trials()] == [{"w": 8}, {"w": 2}]
+
+
+class _StartTogether(SubnetSearch):
+    barrier = None
+
+    def make_sampler(self, seed):  # called right before the study is created or loaded
+        self.barrier.wait(60)
+        return super().make_sampler(seed)
+
+
+def _start_together(supernet, dm, storage, barrier, seed):
+    torch.set_num_threads(1)
+    cls = type("Together", (_StartTogether,), {"barrier": barrier})
+    cls(supernet, dm, storage=storage, study_name="two", limit_val_batches=1, seed=seed, mlflow=False).run(n_trials=3)
+
+
+def test_two_processes_starting_together_enqueue_the_extremes_once(supernet, dm, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_start_together, args=(supernet, dm, storage, barrier, i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    study = optuna.load_study(study_name="two", storage=storage)
+    planned = [t.system_attrs.get("fixed_params") for t in study.trials]
+    space = supernet.search_space
+    assert planned.count(space.largest().to_dict()) == 1 and planned.count(space.smallest().to_dict()) == 1
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+
+
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_forked_workers_share_a_study(supernet, dm, tmp_path, kind):
     storage = f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'search.log'}"
