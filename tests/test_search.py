@@ -41,6 +41,7 @@ def _search(supernet, dm, **kwargs) -> SubnetSearch:
     kwargs.setdefault("storage", None)
     kwargs.setdefault("limit_val_batches", 1)
     kwargs.setdefault("seed", 0)
+    kwargs.setdefault("mlflow", False)
     return SubnetSearch(supernet, dm, **kwargs)
 
 
@@ -53,7 +54,8 @@ def _dominates(a, b, directions) -> bool:
 def test_search_end_to_end_on_sqlite(supernet, dm, tmp_path):
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     study, front = search_subnets(supernet, dm, objectives=("val_acc", "params"), constraints={"params": 0.8},
-                                  n_trials=8, storage=storage, limit_val_batches=1, seed=0, show_progress_bar=False)
+                                  n_trials=8, storage=storage, limit_val_batches=1, seed=0, show_progress_bar=False,
+                                  mlflow=False)
     trials = study.get_trials(states=(COMPLETE,))
     assert len(trials) == 8
     largest = supernet.search_space.largest()
@@ -207,7 +209,8 @@ class _SlowSearch(SubnetSearch):
 
 def _run_forever(supernet, dm, storage):
     torch.set_num_threads(1)
-    _SlowSearch(supernet, dm, storage=storage, study_name="resume", limit_val_batches=1, seed=0).run(n_trials=500)
+    _SlowSearch(supernet, dm, storage=storage, study_name="resume", limit_val_batches=1, seed=0,
+                mlflow=False).run(n_trials=500)
 
 
 def test_resume_after_sigkill_loses_no_completed_trial(supernet, dm, tmp_path):
@@ -341,7 +344,8 @@ class _StartTogether(SubnetSearch):
 def _start_together(supernet, dm, storage, barrier, seed):
     torch.set_num_threads(1)
     cls = type("Together", (_StartTogether,), {"barrier": barrier})
-    cls(supernet, dm, storage=storage, study_name="two", limit_val_batches=1, seed=seed, mlflow=False).run(n_trials=3)
+    cls(supernet, dm, storage=storage, study_name="two", limit_val_batches=1, seed=seed,
+        mlflow=False).run(n_trials=3)
 
 
 def test_two_processes_starting_together_enqueue_the_extremes_once(supernet, dm, tmp_path):

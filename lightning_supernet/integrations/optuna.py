@@ -38,6 +38,7 @@ from lightning_supernet.integrations._objectives import (
 )
 from lightning_supernet.integrations._resume import RequeueExtremes, measured_motifs, weights_digest
 from lightning_supernet.integrations._storage import make_storage
+from lightning_supernet.integrations._tracking import default_tracking_uri
 from lightning_supernet.integrations._study import (
     bn_state,
     calibration_loader,
@@ -90,7 +91,10 @@ class SubnetSearch:
         latency_device: where ``latency_ms`` is measured (default: the supernet's device).
         bn_recalibration_batches: training batches used to re-estimate BatchNorm statistics before each
             evaluation; ``None`` = 20 when the model has BatchNorm layers, else 0.
-        mlflow: a :class:`~lightning_supernet.integrations.mlflow.MlflowTracking`, a tracking URI, or ``None``.
+        mlflow: ``None`` (default): track to MLflow when it is installed and a tracking URI is set
+            (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``) or its default store ``mlflow.db`` is in the
+            working directory; ``False``: never track; ``True`` (``sqlite:///mlflow.db``), a tracking URI, or a
+            :class:`~lightning_supernet.integrations.mlflow.MlflowTracking`: track there.
         seed: seed of the sampler.
         trainer_kwargs: extra arguments of the validation ``Trainer`` (e.g. ``{"accelerator": "gpu"}``).
 
@@ -126,7 +130,7 @@ class SubnetSearch:
                  constraints: Mapping[str, Any] | None = None, sampler: Any = None,
                  storage: Any = "sqlite:///search.db", study_name: str | None = None, load_if_exists: bool = True,
                  limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
-                 bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
+                 bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | bool | None = None,
                  seed: int | None = None, trainer_kwargs: Mapping[str, Any] | None = None,
                  resume: str = "check") -> None:
         if not hasattr(supernet, "search_space") or not hasattr(supernet, "subnet"):
@@ -153,10 +157,13 @@ class SubnetSearch:
         self.latency_device = latency_device
         self.bn_recalibration_batches = bn_recalibration_batches
         self.tracking = None
+        if mlflow is None:  # track by default where MLflow is set up
+            mlflow = default_tracking_uri()
         if mlflow is not None and mlflow is not False:
             from lightning_supernet.integrations.mlflow import MlflowTracking
 
             self.tracking = MlflowTracking.from_any(mlflow)
+            self.tracking.find_training_run(supernet)
         self.seed = seed
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.needed = {o.name for o in self.objectives} | {c.metric for c in self.constraints}
@@ -432,7 +439,7 @@ def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule 
                    constraints: Mapping[str, Any] | None = None, n_trials: int | None = 50, sampler: Any = None,
                    storage: Any = "sqlite:///search.db", study_name: str | None = None, load_if_exists: bool = True,
                    limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
-                   bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
+                   bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | bool | None = None,
                    n_jobs: int = 1, show_progress_bar: bool | None = None, timeout: float | None = None,
                    seed: int | None = None, resume: str = "check", total_trials: int | None = None) -> SearchResult:
     """Search a trained supernet for the best subnets under several objectives (see :class:`SubnetSearch`).
@@ -445,6 +452,8 @@ def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule 
         n_jobs: worker processes (forked; they share the study through ``storage``).
         show_progress_bar: Optuna's progress bar (default: when stderr is a terminal).
         timeout: stop starting trials after this many seconds.
+        mlflow: tracking; by default on when MLflow is installed and a tracking URI is set or ``mlflow.db`` is
+            in the working directory; ``mlflow=False`` opts out (see :class:`SubnetSearch`).
         The other arguments are :class:`SubnetSearch`'s.
 
     Returns:
