@@ -223,17 +223,65 @@ def test_training_goes_on_when_the_tracking_server_is_down(dm):
     assert trainer.state.finished and trainer.global_step > 0
 
 
-def test_training_goes_on_when_tracking_fails_mid_run(dm, store, monkeypatch):
+def _server_went_away(*args, **kwargs):
+    """What MLflow's REST client raises when the server stops answering mid-run."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raise requests.exceptions.ConnectionError("HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries "
+                                                  "exceeded (Caused by NewConnectionError: Connection refused)")
+    except requests.exceptions.ConnectionError as err:
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with exception "
+                              f"{err}") from err
+
+
+def test_training_goes_on_when_the_server_goes_away_but_a_client_error_raises(dm, store, monkeypatch):
+    import warnings
+
+    from mlflow.exceptions import MlflowException
+
     logger = mlflow_logger(tracking_uri=store, experiment_name="flaky")
-    _ = logger.experiment  # the run exists; now the backend starts failing
-
-    def broken(*args, **kwargs):
-        raise ConnectionError("tracking server went away")
-
-    monkeypatch.setattr(logger._mlflow_client, "log_batch", broken)
-    with pytest.warns(UserWarning, match="went away"):
+    logger.log_hyperparams({"lr": 0.1})
+    with pytest.raises(MlflowException, match="lr"):  # a client-side error (changing a logged param) is a bug
+        logger.log_hyperparams({"lr": 0.2})
+    assert not logger.disabled
+    monkeypatch.setattr(logger._mlflow_client, "log_batch", _server_went_away)  # now the server goes away
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer = _fit(tiny_supernet(), dm, logger, max_steps=3)
-    assert trainer.state.finished and logger.disabled
+    down = [w for w in caught if "is not reachable" in str(w.message)]
+    assert len(down) == 1 and "Max retries exceeded" in str(down[0].message)  # warned once
+    assert trainer.state.finished and trainer.global_step == 2 and logger.disabled  # limit_train_batches=2
+
+
+def test_search_goes_on_when_the_server_goes_away_but_a_client_error_raises(supernet, dm, store, monkeypatch):
+    import warnings
+
+    from mlflow.exceptions import MlflowException
+
+    from mlflow.exceptions import RestException
+
+    def bad_value(*args, **kwargs):  # what a tracking server answers to a metric value that is not a number
+        raise RestException({"error_code": "INVALID_PARAMETER_VALUE",
+                             "message": "Invalid value 'abc' for parameter 'metrics[0].value' supplied"})
+
+    bad = MlflowTracking(tracking_uri=store, experiment_name="bad", top_k=0, log_figure=False)
+    search = SubnetSearch(supernet, dm, storage=None, limit_val_batches=1, seed=0, mlflow=bad)
+    search.setup()
+    monkeypatch.setattr(bad.client, "log_batch", bad_value)
+    with pytest.raises(MlflowException, match="Invalid value 'abc'"):  # a client-side error is not swallowed
+        search.run(n_trials=2)
+    assert bad.enabled
+    tracking = MlflowTracking(tracking_uri=store, experiment_name="away", top_k=0, log_figure=False)
+    search = SubnetSearch(supernet, dm, storage=None, limit_val_batches=1, seed=0, mlflow=tracking)
+    search.setup()  # the parent run exists; then the server goes away
+    monkeypatch.setattr(tracking.client, "create_run", _server_went_away)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study, front = search.run(n_trials=4)
+    assert len([w for w in caught if "is not reachable" in str(w.message)]) == 1
+    assert len(study.trials) == 4 and front and not tracking.enabled
 
 
 def test_missing_mlflow_names_the_extra(monkeypatch):
