@@ -2,7 +2,8 @@
 
 SQLite is switched to write-ahead logging with ``synchronous=NORMAL``: a commit no longer waits for ``fsync``
 (about 15 ms a commit on slow disks, a dozen commits a trial), yet a process killed with SIGKILL loses nothing it
-committed; only a power cut can drop the last transactions. Network databases get a connect timeout, so an
+committed; only a power cut can drop the last transactions. Its transactions start with ``BEGIN IMMEDIATE``
+(serialised), so two workers never both take the same enqueued trial. Network databases get a connect timeout, so an
 unreachable server fails fast with :class:`~lightning_supernet.errors.StorageError`.
 
 Example:
@@ -146,12 +147,20 @@ def _fast_sqlite(rdb: Any) -> None:
     from sqlalchemy import event
 
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # transactions are begun below, not by the sqlite3 module
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
+    def on_begin(conn: Any) -> None:
+        # Optuna reads a trial's state, then writes it (a WAITING trial becomes RUNNING). SQLite has no row
+        # locks: two workers that read WAITING together both ran (and told) one enqueued trial. BEGIN IMMEDIATE
+        # takes the write lock when the transaction starts, so the second worker reads RUNNING and moves on.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
     event.listen(rdb.engine, "connect", on_connect)
+    event.listen(rdb.engine, "begin", on_begin)
     rdb.engine.dispose()  # connections opened before the listener reconnect with it
 
 

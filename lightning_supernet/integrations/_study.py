@@ -252,7 +252,7 @@ def load_study(search: SubnetSearch) -> tuple[optuna.Study, Any, list[Objective]
     if meta.get("fingerprint", search.space.fingerprint) != search.space.fingerprint:
         raise SearchError(f"`study_name`={search.study_name!r} was made for search space {meta['fingerprint']}, "
                           f"this supernet's is {search.space.fingerprint}: build it with the same model and `space=`")
-    digest = weights_digest(search.supernet)
+    digest = search.weights = weights_digest(search.supernet)
     if meta.get("weights") != digest:
         warnings.warn(f"`study_name`={search.study_name!r} was measured on other supernet weights (digest "
                       f"{meta.get('weights')}) than this supernet's ({digest}): its metrics may not hold for subnets "

@@ -311,7 +311,7 @@ class MlflowTracking:
                 small = search.export(row["config"])
                 signature, example = model_signature(small, search.supernet.example_input_array)
                 # logged inside the trial's run, the model gets that run's metrics (MLflow 3 links them)
-                with mlflow.start_run(run_id=self._logged[row["trial"]]):
+                with mlflow.start_run(run_id=self._logged.get(row["trial"], self.parent_run_id)):
                     info = mlflow.pytorch.log_model(
                         small, name=f"subnet-trial-{row['trial']}", serialization_format="pickle",
                         pip_requirements=self.pip_requirements or default_pip_requirements(),
@@ -354,11 +354,15 @@ def model_signature(model: Any, example_input: Any) -> tuple[Any, Any]:
         example = {k: v.detach().cpu().numpy() for k, v in example_input.items()}
     else:
         return None, None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(**example_input) if isinstance(example_input, Mapping) else model(example_input)
+            if isinstance(example_input, Mapping):
+                out = model(**{k: v.to(device) for k, v in example_input.items()})
+            else:
+                out = model(example_input.to(device))
     finally:
         model.train(was_training)
     out = getattr(out, "logits", out)
