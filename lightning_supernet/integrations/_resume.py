@@ -28,8 +28,8 @@ from lightning_supernet.integrations import require
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["RESUME_MODES", "RequeueExtremes", "TotalTrials", "claim", "counted_trials", "ensure_extremes", "fail_stale", "killed",
-           "measured_motifs", "trials_left", "weights_digest"]
+__all__ = ["RESUME_MODES", "RequeueExtremes", "TotalTrials", "claim", "counted_trials", "ensure_extremes",
+           "fail_stale", "killed", "measured_motifs", "trials_left", "weights_digest"]
 
 #: how a study measured on other weights is treated (see ``SubnetSearch``'s ``resume=``)
 RESUME_MODES = ("check", "new", "ignore_weights")

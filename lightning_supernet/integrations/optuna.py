@@ -38,7 +38,6 @@ from lightning_supernet.integrations._objectives import (
 )
 from lightning_supernet.integrations._resume import RequeueExtremes, measured_motifs, weights_digest
 from lightning_supernet.integrations._storage import make_storage
-from lightning_supernet.integrations._tracking import default_tracking_uri
 from lightning_supernet.integrations._study import (
     bn_state,
     calibration_loader,
@@ -52,6 +51,7 @@ from lightning_supernet.integrations._study import (
     run_search,
     val_loaders,
 )
+from lightning_supernet.integrations._tracking import default_tracking_uri
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
