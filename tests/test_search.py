@@ -200,7 +200,8 @@ def _pg_worker(supernet, dm, url, n):
     _search(supernet, dm, storage=url, study_name="pg", seed=None).run(n_trials=n)
 
 
-def test_postgres_four_workers_hundred_trials(supernet, dm, tmp_path_factory):
+@pytest.mark.parametrize("workers, each", [(2, 4), pytest.param(4, 25, marks=pytest.mark.slow)])
+def test_postgres_workers_share_a_study(supernet, dm, workers, each):
     why = PostgresCluster.available()
     if why:
         pytest.skip(why)
@@ -211,18 +212,21 @@ def test_postgres_four_workers_hundred_trials(supernet, dm, tmp_path_factory):
     url = cluster.start()
     try:
         ctx = multiprocessing.get_context("fork")
-        procs = [ctx.Process(target=_pg_worker, args=(supernet, dm, url, 25)) for _ in range(4)]
+        procs = [ctx.Process(target=_pg_worker, args=(supernet, dm, url, each)) for _ in range(workers)]
         for p in procs:
             p.start()
         for p in procs:
             p.join(300)
-        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        assert [p.exitcode for p in procs] == [0] * workers
         study = optuna.load_study(study_name="pg", storage=url)
         numbers = [t.number for t in study.trials]
         complete = [t for t in study.trials if t.state == COMPLETE]
-        assert len(complete) == 100
-        assert len(numbers) == len(set(numbers)) == 100
-        assert sorted(numbers) == list(range(100))
+        assert len(complete) == workers * each
+        assert len(numbers) == len(set(numbers)) == workers * each
+        assert sorted(numbers) == list(range(workers * each))
+        planned = [t.system_attrs.get("fixed_params") for t in study.trials]  # the workers started together
+        space = supernet.search_space
+        assert planned.count(space.largest().to_dict()) == 1 and planned.count(space.smallest().to_dict()) == 1
     finally:
         cluster.stop()
 
