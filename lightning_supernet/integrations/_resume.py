@@ -37,9 +37,10 @@ _CLAIM_PREFIX = "lightning_supernet:"
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """A BLAKE2b digest (32 hex digits) of a module's ``state_dict``: names, dtypes, shapes and tensor bytes.
+    """A SHA-256 digest (first 32 hex digits) of a module's ``state_dict``: names, dtypes, shapes, tensor bytes.
 
-    About 1 GB/s on one CPU core; buffers (BatchNorm statistics) count, so re-estimated statistics are new weights.
+    Measured 0.9 GB/s on one core of a busy 2-core machine (50 M float32 params, 201 MB: 0.23 s). Buffers
+    (BatchNorm statistics) count, so re-estimated statistics are new weights.
 
     Example:
         >>> m = torch.nn.Linear(3, 1)
@@ -49,7 +50,7 @@ def weights_digest(module: torch.nn.Module) -> str:
         >>> weights_digest(m) != before
         True
     """
-    h = hashlib.blake2b(digest_size=16)
+    h = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
         h.update(name.encode())
         if not isinstance(value, torch.Tensor):
@@ -61,7 +62,7 @@ def weights_digest(module: torch.nn.Module) -> str:
             continue
         t = t.cpu().contiguous().reshape(-1)
         h.update(memoryview(t.view(torch.uint8).numpy()))
-    return h.hexdigest()
+    return h.hexdigest()[:32]
 
 
 def killed(trial: optuna.trial.FrozenTrial) -> bool:
