@@ -41,6 +41,7 @@ def _search(supernet, dm, **kwargs) -> SubnetSearch:
     kwargs.setdefault("storage", None)
     kwargs.setdefault("limit_val_batches", 1)
     kwargs.setdefault("seed", 0)
+    kwargs.setdefault("mlflow", False)
     return SubnetSearch(supernet, dm, **kwargs)
 
 
@@ -53,7 +54,8 @@ def _dominates(a, b, directions) -> bool:
 def test_search_end_to_end_on_sqlite(supernet, dm, tmp_path):
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     study, front = search_subnets(supernet, dm, objectives=("val_acc", "params"), constraints={"params": 0.8},
-                                  n_trials=8, storage=storage, limit_val_batches=1, seed=0, show_progress_bar=False)
+                                  n_trials=8, storage=storage, limit_val_batches=1, seed=0, show_progress_bar=False,
+                                  mlflow=False)
     trials = study.get_trials(states=(COMPLETE,))
     assert len(trials) == 8
     largest = supernet.search_space.largest()
@@ -159,7 +161,8 @@ class _SlowSearch(SubnetSearch):
 
 def _run_forever(supernet, dm, storage):
     torch.set_num_threads(1)
-    _SlowSearch(supernet, dm, storage=storage, study_name="resume", limit_val_batches=1, seed=0).run(n_trials=500)
+    _SlowSearch(supernet, dm, storage=storage, study_name="resume", limit_val_batches=1, seed=0,
+                mlflow=False).run(n_trials=500)
 
 
 def test_resume_after_sigkill_loses_no_completed_trial(supernet, dm, tmp_path):
@@ -197,7 +200,8 @@ def _pg_worker(supernet, dm, url, n):
     _search(supernet, dm, storage=url, study_name="pg", seed=None).run(n_trials=n)
 
 
-def test_postgres_four_workers_hundred_trials(supernet, dm, tmp_path_factory):
+@pytest.mark.parametrize("workers, each", [(2, 4), pytest.param(4, 25, marks=pytest.mark.slow)])
+def test_postgres_workers_share_a_study(supernet, dm, workers, each):
     why = PostgresCluster.available()
     if why:
         pytest.skip(why)
@@ -208,18 +212,21 @@ def test_postgres_four_workers_hundred_trials(supernet, dm, tmp_path_factory):
     url = cluster.start()
     try:
         ctx = multiprocessing.get_context("fork")
-        procs = [ctx.Process(target=_pg_worker, args=(supernet, dm, url, 25)) for _ in range(4)]
+        procs = [ctx.Process(target=_pg_worker, args=(supernet, dm, url, each)) for _ in range(workers)]
         for p in procs:
             p.start()
         for p in procs:
             p.join(300)
-        assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+        assert [p.exitcode for p in procs] == [0] * workers
         study = optuna.load_study(study_name="pg", storage=url)
         numbers = [t.number for t in study.trials]
         complete = [t for t in study.trials if t.state == COMPLETE]
-        assert len(complete) == 100
-        assert len(numbers) == len(set(numbers)) == 100
-        assert sorted(numbers) == list(range(100))
+        assert len(complete) == workers * each
+        assert len(numbers) == len(set(numbers)) == workers * each
+        assert sorted(numbers) == list(range(workers * each))
+        planned = [t.system_attrs.get("fixed_params") for t in study.trials]  # the workers started together
+        space = supernet.search_space
+        assert planned.count(space.largest().to_dict()) == 1 and planned.count(space.smallest().to_dict()) == 1
     finally:
         cluster.stop()
 
@@ -266,6 +273,7 @@ def test_unreachable_storage(supernet, dm, url, match):
     ({"constraints": {"params": "about half"}}, r"constraints\['params'\]"),
     ({"constraints": [("params", 0.5)]}, "must be a mapping"),
     ({"mlflow": 3}, "`mlflow` is 3"),
+    ({"resume": "yes"}, "`resume` is 'yes'; allowed: 'check', 'new', 'ignore_weights'"),
 ])
 def test_bad_arguments_name_the_argument(supernet, dm, kwargs, match):
     with pytest.raises(SearchError, match=match):
@@ -278,6 +286,10 @@ def test_run_arguments_and_resuming_with_other_objectives(supernet, dm, tmp_path
         search.run(n_trials=2, n_jobs=2)
     with pytest.raises(SearchError, match="`n_trials` is -1"):
         search.run(n_trials=-1)
+    with pytest.raises(SearchError, match="`total_trials` is 2.5"):
+        search.run(total_trials=2.5)
+    with pytest.raises(SearchError, match="`n_trials` and `total_trials` are both None"):
+        search.run(n_trials=None)
     storage = f"sqlite:///{tmp_path / 's.db'}"
     _search(supernet, dm, storage=storage, study_name="x").run(n_trials=1)
     with pytest.raises(SearchError, match="HINT: pass another `study_name`"):

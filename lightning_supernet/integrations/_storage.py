@@ -2,7 +2,8 @@
 
 SQLite is switched to write-ahead logging with ``synchronous=NORMAL``: a commit no longer waits for ``fsync``
 (about 15 ms a commit on slow disks, a dozen commits a trial), yet a process killed with SIGKILL loses nothing it
-committed; only a power cut can drop the last transactions. Network databases get a connect timeout, so an
+committed; only a power cut can drop the last transactions. Its transactions start with ``BEGIN IMMEDIATE``
+(serialised), so two workers never both take the same enqueued trial. Network databases get a connect timeout, so an
 unreachable server fails fast with :class:`~lightning_supernet.errors.StorageError`.
 
 Example:
@@ -45,13 +46,18 @@ def redact(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def make_storage(spec: Any, heartbeat_interval: int | None = None) -> tuple[Any, Any]:
+def make_storage(spec: Any, heartbeat_interval: int | None = None, *, grace_period: int | None = None,
+                 stale_callback: Any = None) -> tuple[Any, Any]:
     """``(storage for optuna.create_study, the RDBStorage behind it or None)``.
 
     Args:
         spec: a URL (``sqlite:///...``, ``postgresql+psycopg2://...``, ``journal:<file>``), a storage, or ``None``.
-        heartbeat_interval: RDB only: seconds between trial heartbeats, so that a worker marks the RUNNING
-            trials of a killed worker FAIL after twice this long (costs a thread and a write per trial).
+        heartbeat_interval: RDB only: seconds between trial heartbeats (Optuna's heartbeat thread, one write per
+            interval), so that a worker marks the RUNNING trials of a killed worker FAIL.
+        grace_period: RDB only: seconds without a heartbeat after which a RUNNING trial is stale (``None``:
+            twice ``heartbeat_interval``).
+        stale_callback: RDB only: Optuna's ``heartbeat_stale_trial_callback``, called with ``(study, trial)`` for
+            each stale trial marked FAIL.
 
     Raises:
         StorageError: an unparsable URL, a missing SQLite folder, or a database that cannot be reached.
@@ -92,7 +98,9 @@ def make_storage(spec: Any, heartbeat_interval: int | None = None) -> tuple[Any,
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
         engine_kwargs["pool_pre_ping"] = True
     try:
-        rdb = _open_rdb(optuna, url, engine_kwargs, heartbeat_interval)
+        heartbeat = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+                     "heartbeat_stale_trial_callback": stale_callback} if heartbeat_interval else {}
+        rdb = _open_rdb(optuna, url, engine_kwargs, heartbeat)
     except ImportError as err:
         raise MissingDependencyError(
             f"`storage`={redact(url)!r} needs a database driver that is not installed ({err}). HINT: pip install "
@@ -118,7 +126,7 @@ def _journal(optuna: Any, path: str) -> Any:
     return optuna.storages.JournalStorage(JournalFileBackend(str(Path(path).expanduser())))
 
 
-def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], heartbeat_interval: int | None,
+def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], heartbeat: dict[str, Any],
               attempts: int = 5) -> Any:
     # Workers that start together on a fresh database race to create its tables ("table ... already exists",
     # a duplicate version row): the loser retries and then finds the schema in place.
@@ -126,8 +134,7 @@ def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], heartbeat_in
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                  heartbeat_interval=heartbeat_interval)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
         except Exception as err:
             text = str(err).lower()
             if attempt + 1 == attempts or not any(w in text for w in ("already exists", "duplicate", "unique")):
@@ -140,12 +147,20 @@ def _fast_sqlite(rdb: Any) -> None:
     from sqlalchemy import event
 
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # transactions are begun below, not by the sqlite3 module
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
+    def on_begin(conn: Any) -> None:
+        # Optuna reads a trial's state, then writes it (a WAITING trial becomes RUNNING). SQLite has no row
+        # locks: two workers that read WAITING together both ran (and told) one enqueued trial. BEGIN IMMEDIATE
+        # takes the write lock when the transaction starts, so the second worker reads RUNNING and moves on.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
     event.listen(rdb.engine, "connect", on_connect)
+    event.listen(rdb.engine, "begin", on_begin)
     rdb.engine.dispose()  # connections opened before the listener reconnect with it
 
 

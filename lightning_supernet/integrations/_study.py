@@ -14,6 +14,7 @@ import difflib
 import math
 import multiprocessing
 import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -28,19 +29,97 @@ from lightning_supernet.integrations._objectives import (
     COST_METRICS,
     Constraint,
     Objective,
+    SearchResult,
     resolve_objectives,
 )
-from lightning_supernet.integrations._storage import make_storage, prepare_fork, reopen_after_fork
+from lightning_supernet.integrations._resume import (
+    RESUME_MODES,
+    TotalTrials,
+    ensure_extremes,
+    fail_stale,
+    trials_left,
+    weights_digest,
+)
+from lightning_supernet.integrations._storage import make_storage, prepare_fork, redact, reopen_after_fork
 
 if TYPE_CHECKING:
     import optuna
 
     from lightning_supernet.integrations.optuna import SubnetSearch
 
-__all__ = ["bn_state", "calibration_loader", "check_feasible", "check_metrics", "has_batchnorm", "load_study",
-           "open_study", "restore_bn_state", "run_forked", "val_loaders"]
+__all__ = ["SAMPLERS", "bn_state", "calibration_loader", "check_arguments", "check_feasible", "check_metrics",
+           "check_run_arguments", "has_batchnorm", "is_int", "load_study", "open_study", "restore_bn_state",
+           "run_forked", "run_search", "val_loaders", "warn_if_empty"]
 
 _META = "lightning_supernet"
+
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+def check_arguments(*, limit_val_batches: Any = None, bn_recalibration_batches: Any = None, sampler: Any = None,
+                    resume: Any = "check") -> None:
+    """Check :class:`~lightning_supernet.integrations.optuna.SubnetSearch`'s simple arguments.
+
+    Raises:
+        SearchError: naming the argument, the value and what is allowed.
+
+    Example:
+        >>> check_arguments(resume="maybe")
+        Traceback (most recent call last):
+        ...
+        lightning_supernet.errors.SearchError: `resume` is 'maybe'; allowed: 'check', 'new', 'ignore_weights'
+    """
+    if limit_val_batches is not None and not (is_int(limit_val_batches, 1) or (
+            isinstance(limit_val_batches, float) and 0 < limit_val_batches <= 1)):
+        raise SearchError(f"`limit_val_batches` is {limit_val_batches!r}; allowed: None, an int >= 1 (batches) "
+                          "or a float in (0, 1] (fraction of the loader)")
+    if bn_recalibration_batches is not None and not is_int(bn_recalibration_batches, 0):
+        raise SearchError(f"`bn_recalibration_batches` is {bn_recalibration_batches!r}; allowed: None or an "
+                          "int >= 0")
+    if not (sampler is None or sampler in SAMPLERS or hasattr(sampler, "sample_independent")):
+        raise SearchError(f"`sampler` is {sampler!r}; allowed: None, {', '.join(map(repr, SAMPLERS))} or an "
+                          "optuna.samplers.BaseSampler")
+    if resume not in RESUME_MODES:
+        raise SearchError(f"`resume` is {resume!r}; allowed: {', '.join(map(repr, RESUME_MODES))}")
+
+
+def check_run_arguments(n_trials: Any, n_jobs: Any, total_trials: Any, storage: Any) -> None:
+    """Check :meth:`~lightning_supernet.integrations.optuna.SubnetSearch.run`'s arguments.
+
+    Raises:
+        SearchError: naming the argument, the value and what is allowed.
+
+    Example:
+        >>> check_run_arguments(10, 2, None, None)
+        Traceback (most recent call last):
+        ...
+        lightning_supernet.errors.SearchError: `n_jobs`=2 needs a storage the workers share, but `storage` is None \
+(in memory); allowed: e.g. 'sqlite:///search.db' or a PostgreSQL URL
+    """
+    if n_trials is None and total_trials is None:
+        raise SearchError("`n_trials` and `total_trials` are both None; allowed: an int >= 0 for either")
+    if n_trials is not None and not is_int(n_trials, 0):
+        raise SearchError(f"`n_trials` is {n_trials!r}; allowed: an int >= 0 (trials this call runs), or None "
+                          "with `total_trials`")
+    if total_trials is not None and not is_int(total_trials, 0):
+        raise SearchError(f"`total_trials` is {total_trials!r}; allowed: None or an int >= 0 (trials the study "
+                          "should hold, over all resumes)")
+    if not is_int(n_jobs, 1):
+        raise SearchError(f"`n_jobs` is {n_jobs!r}; allowed: an int >= 1 (worker processes)")
+    if n_jobs > 1 and storage is None:
+        raise SearchError(f"`n_jobs`={n_jobs} needs a storage the workers share, but `storage` is None "
+                          "(in memory); allowed: e.g. 'sqlite:///search.db' or a PostgreSQL URL")
+
+
+def is_int(value: Any, low: int) -> bool:
+    """Whether ``value`` is an int (not a bool) ``>= low``.
+
+    Example:
+        >>> is_int(3, 1), is_int(True, 0), is_int(2.0, 1)
+        (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
 def check_metrics(objectives: Sequence[Objective], constraints: Sequence[Constraint],
@@ -98,13 +177,16 @@ be met: even the smallest subnet has params = 200 (largest: 1,000). Allowed: a b
                 f"Allowed: a bound >= {smallest[c.metric]:,.6g}, i.e. a fraction >= {need:.4g}")
 
 
-def open_study(search: SubnetSearch, storage: Any) -> optuna.Study:
-    """Create or resume ``search.study_name``; a resumed study must have the same search space and objectives.
+def open_study(search: SubnetSearch, storage: Any, rdb: Any = None) -> optuna.Study:
+    """Create or resume ``search.study_name``; a resumed study must have the same search space, objectives and
+    weights (``search.weights``, see ``resume=``).
 
-    A new study starts with the largest and the smallest subnet enqueued (``search.enqueue_extremes``).
+    Stale trials (heartbeat stopped) are failed, then the largest and the smallest subnet are enqueued if they
+    have not run (``search.enqueue_extremes``), once even when several workers start together.
 
     Raises:
-        SearchError: the study exists with other objectives/space, or exists and ``load_if_exists`` is False.
+        SearchError: the study exists with other objectives/space, with other weights (``resume="check"``), or
+            exists and ``load_if_exists`` is False.
     """
     optuna = require("optuna", "optuna", "the subnet search")
     directions = [o.direction for o in search.objectives]
@@ -119,7 +201,8 @@ def open_study(search: SubnetSearch, storage: Any) -> optuna.Study:
     fingerprint = search.space.fingerprint
     meta = study.user_attrs.get(_META)
     if meta is None:
-        study.set_user_attr(_META, {"fingerprint": fingerprint, "objectives": names, "directions": directions})
+        study.set_user_attr(_META, {"fingerprint": fingerprint, "objectives": names, "directions": directions,
+                                    "weights": search.weights})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(names)
@@ -128,10 +211,28 @@ def open_study(search: SubnetSearch, storage: Any) -> optuna.Study:
             f"`study_name`={search.study_name!r} holds a study of search space {meta.get('fingerprint')} with "
             f"objectives {meta.get('objectives')} {meta.get('directions')}; this search has space {fingerprint} and "
             f"{names} {directions}. HINT: pass another `study_name`, or the same model and objectives")
-    if search.enqueue_extremes and not study.get_trials(deepcopy=False):
-        for cfg in (search.space.largest(), search.space.smallest()):
-            study.enqueue_trial(cfg.to_dict(), skip_if_exists=True)
+    elif meta.get("weights") != search.weights and search.resume != "ignore_weights":
+        if search.resume == "new":
+            search.study_name = f"{search.study_name}-w{search.weights[:8]}"
+            return open_study(search, storage, rdb)
+        old = meta.get("weights") or "unrecorded (an older lightning-supernet)"
+        raise SearchError(
+            f"`study_name`={search.study_name!r} in storage {_where(search.storage_spec)} was measured on other "
+            f"supernet weights (digest {old}) than this supernet's (digest {search.weights}): retrained, or another "
+            f"checkpoint? Its trials and Pareto front do not describe these weights. Allowed: resume='new' (start a "
+            f"fresh study, {search.study_name + '-w' + search.weights[:8]!r}), resume='ignore_weights' (continue "
+            "this study; metrics measured on other weights are never reused), or another `study_name`")
+    fail_stale(study)
+    if search.enqueue_extremes:
+        ensure_extremes(study, rdb, {"largest": search.space.largest().to_dict(),
+                                     "smallest": search.space.smallest().to_dict()})
     return study
+
+
+def _where(spec: Any) -> str:
+    if spec is None:
+        return "in memory"
+    return repr(redact(str(spec))) if isinstance(spec, (str, os.PathLike)) else type(spec).__name__
 
 
 def load_study(search: SubnetSearch) -> tuple[optuna.Study, Any, list[Objective]]:
@@ -141,7 +242,7 @@ def load_study(search: SubnetSearch) -> tuple[optuna.Study, Any, list[Objective]
         SearchError: no study of that name, or one made for another search space.
     """
     optuna = require("optuna", "optuna", "the subnet search")
-    storage, rdb = make_storage(search.storage_spec, search.heartbeat_interval)
+    storage, rdb = make_storage(search.storage_spec, search.heartbeat_interval, grace_period=search.grace_period)
     try:
         study = optuna.load_study(study_name=search.study_name, storage=storage)
     except KeyError as err:
@@ -151,10 +252,52 @@ def load_study(search: SubnetSearch) -> tuple[optuna.Study, Any, list[Objective]
     if meta.get("fingerprint", search.space.fingerprint) != search.space.fingerprint:
         raise SearchError(f"`study_name`={search.study_name!r} was made for search space {meta['fingerprint']}, "
                           f"this supernet's is {search.space.fingerprint}: build it with the same model and `space=`")
+    digest = search.weights = weights_digest(search.supernet)
+    if meta.get("weights") != digest:
+        warnings.warn(f"`study_name`={search.study_name!r} was measured on other supernet weights (digest "
+                      f"{meta.get('weights')}) than this supernet's ({digest}): its metrics may not hold for subnets "
+                      "exported from these weights", stacklevel=3)
     objectives = search.objectives
     if meta.get("objectives"):
         objectives = resolve_objectives(meta["objectives"], meta.get("directions"))
     return study, rdb, objectives
+
+
+def run_search(search: SubnetSearch, n_trials: int | None, *, n_jobs: int = 1, timeout: float | None = None,
+               show_progress_bar: bool | None = None, total_trials: int | None = None) -> SearchResult:
+    """The body of :meth:`SubnetSearch.run <lightning_supernet.integrations.optuna.SubnetSearch.run>`: set up,
+    run the trials this call owes (here or in forked workers), restore BatchNorm statistics, track, and return.
+
+    Example:
+        >>> study, front = run_search(search, 10)  # doctest: +SKIP
+    """
+    check_run_arguments(n_trials, n_jobs, total_trials, search.storage_spec)
+    optuna = require("optuna", "optuna", "the subnet search")
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(search.optuna_verbosity)
+    try:
+        search.setup()
+        if show_progress_bar is None:
+            show_progress_bar = sys.stderr.isatty()
+        search._total = None if total_trials is None else TotalTrials(total_trials)
+        n_trials = trials_left(search.study, n_trials, total_trials)
+        if n_trials and n_jobs == 1:
+            search._optimize(n_trials, timeout, show_progress_bar)
+        elif n_trials:
+            run_forked(search, n_trials, n_jobs, timeout)
+    except BaseException:
+        if search.tracking is not None and search.study is not None:
+            search.tracking.abort(search)  # the trials so far get their runs; the parent run is marked FAILED
+        raise
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+        if getattr(search, "_bn_state", None):
+            restore_bn_state(search.supernet, search._bn_state)
+    front = search.pareto_front()
+    warn_if_empty(search.study, front, search._resolved)
+    if search.tracking is not None:
+        search.tracking.finish(search, front)
+    return SearchResult(search.study, front)
 
 
 def run_forked(search: SubnetSearch, n_trials: int, n_jobs: int, timeout: float | None) -> None:
@@ -229,6 +372,19 @@ def calibration_loader(search: SubnetSearch) -> Any:
             except (NotImplementedError, MisconfigurationException):
                 search._calibration = None
     return search._calibration
+
+
+def warn_if_empty(study: optuna.Study, front: Sequence[Any], resolved: Sequence[Constraint]) -> None:
+    """Warn when trials completed but none meets the constraints (the Pareto front is empty).
+
+    Example:
+        >>> warn_if_empty(None, [{"trial": 0}], [])  # a front: nothing to say
+    """
+    if front or not resolved:
+        return
+    if any(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False)):
+        warnings.warn(f"no completed trial meets the constraints ({'; '.join(c.describe() for c in resolved)}): the "
+                      "Pareto front is empty. HINT: loosen them or run more trials", stacklevel=5)
 
 
 def has_batchnorm(module: torch.nn.Module) -> bool:

@@ -7,7 +7,9 @@
   subnet config; metrics: every measured metric; tags: state, motif, reuse), a Pareto-front plot
   (``log_figure``) and the top-k Pareto subnets as extracted, physically smaller models (``log_model``).
 
-If the tracking server cannot be reached, both warn once and carry on without tracking.
+If the tracking server or store cannot be reached (a connection error: see
+:func:`~lightning_supernet.integrations._tracking.is_connection_error`), both warn once and carry on without
+tracking; any other error (a bad metric value, a bug) propagates.
 
 Example:
     >>> import lightning.pytorch as pl
@@ -20,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,13 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.loggers import MLFlowLogger
 
 from lightning_supernet.integrations import require
+from lightning_supernet.integrations._tracking import (
+    DEFAULT_TRACKING_URI,
+    down_message,
+    is_connection_error,
+    server_reachable,
+)
+from lightning_supernet.integrations._training_logger import SupernetMLFlowLogger, callback_settings, mlflow_logger
 
 if TYPE_CHECKING:
     import optuna
@@ -36,155 +43,12 @@ if TYPE_CHECKING:
     from lightning_supernet.integrations._objectives import ParetoFront
     from lightning_supernet.integrations.optuna import SubnetSearch
 
-__all__ = ["MlflowTracking", "SupernetMLFlowLogger", "mlflow_logger", "server_reachable"]
+__all__ = ["DEFAULT_TRACKING_URI", "MlflowTracking", "SupernetMLFlowLogger", "callback_settings", "mlflow_logger",
+           "server_reachable"]
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-def server_reachable(tracking_uri: str, timeout: float = 3.0) -> bool:
-    """Whether an ``http(s)://`` tracking server answers its ``/health`` endpoint (other URIs: ``True``).
-
-    Example:
-        >>> server_reachable("sqlite:///mlflow.db"), server_reachable("http://127.0.0.1:9", timeout=0.5)
-        (True, False)
-    """
-    if not tracking_uri.startswith(("http://", "https://")):
-        return True
-    try:
-        with urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout) as resp:
-            return resp.status < 500
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _down_message(uri: str, err: Any = None) -> str:
-    why = f" ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})" if err else ""
-    return (f"MLflow tracking at {uri!r} is not reachable{why}; going on without MLflow tracking. HINT: start it with "
-            f"`mlflow server --backend-store-uri sqlite:///mlflow.db`, or use the default {DEFAULT_TRACKING_URI!r}")
-
-
-class _NullClient:
-    """Stands in for ``MlflowClient`` once tracking is off: every method does nothing."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: None
-
-
-class SupernetMLFlowLogger(MLFlowLogger):
-    """``MLFlowLogger`` that logs the supernet's search space and callback settings, and survives a dead server.
-
-    On the first failure to reach the tracking server it warns once and turns into a no-op logger, so training
-    goes on. Build it with :func:`mlflow_logger`.
-
-    Example:
-        >>> logger = SupernetMLFlowLogger(tracking_uri="sqlite:///mlflow.db")  # doctest: +SKIP
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.disabled = not server_reachable(self._tracking_uri)
-        if self.disabled:
-            warnings.warn(_down_message(self._tracking_uri), stacklevel=3)
-
-    def _fail(self, err: Exception) -> None:
-        if not self.disabled:
-            self.disabled = True
-            warnings.warn(_down_message(self._tracking_uri, err), stacklevel=3)
-
-    @property
-    def experiment(self) -> Any:
-        if self.disabled:
-            return _NullClient()
-        try:
-            return MLFlowLogger.experiment.fget(self)
-        except Exception as err:  # the server or database went away: keep training
-            self._fail(err)
-            return _NullClient()
-
-    @property
-    def run_id(self) -> str | None:
-        _ = self.experiment
-        return self._run_id
-
-    def log_hyperparams(self, params: Any) -> None:
-        self._guard(super().log_hyperparams, params)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._guard(super().log_metrics, metrics, step)
-
-    def finalize(self, status: str = "success") -> None:
-        self._guard(super().finalize, status)
-
-    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
-        self._guard(super().after_save_checkpoint, checkpoint_callback)
-
-    def log_graph(self, model: Any, input_array: Any = None) -> None:
-        """Called by Lightning at fit start: logs the search space, the wrapped model's hparams, callbacks."""
-        if self.disabled or not hasattr(model, "search_space"):
-            return
-        self._guard(self._log_supernet, model)
-
-    def _log_supernet(self, supernet: Any) -> None:
-        space = supernet.search_space
-        params = {"supernet/num_dims": len(space.dims), "supernet/num_subnets": space.num_subnets,
-                  "supernet/fingerprint": space.fingerprint, "supernet/model": type(supernet.model).__name__}
-        inner_hparams = getattr(supernet.model, "hparams", None)
-        if inner_hparams:
-            params.update({f"model/{k}": v for k, v in dict(inner_hparams).items()})
-        trainer = getattr(supernet, "_trainer", None)
-        for cb in (trainer.callbacks if trainer is not None else []):
-            params.update(callback_settings(cb))
-        super().log_hyperparams(params)
-        self.experiment.log_dict(self.run_id, space.to_dict(), "search_space.json")
-
-    def _guard(self, fn: Any, *args: Any) -> None:
-        if self.disabled:
-            return
-        try:
-            fn(*args)
-        except Exception as err:  # any tracking failure: warn once, keep training
-            self._fail(err)
-
-
-def callback_settings(callback: Any) -> dict[str, Any]:
-    """``{"callbacks/<Class>/<attr>": value}`` for the public scalar settings of a lightning-supernet callback.
-
-    Example:
-        >>> class Sandwich:  # stands in for lightning_supernet.callbacks.SandwichSampling
-        ...     __module__ = "lightning_supernet.callbacks.sandwich"
-        ...     def __init__(self): self.num_random, self._rng = 2, object()
-        >>> callback_settings(Sandwich())
-        {'callbacks/Sandwich/num_random': 2}
-    """
-    cls = type(callback)
-    if not cls.__module__.startswith("lightning_supernet"):
-        return {}
-    return {f"callbacks/{cls.__name__}/{k}": v for k, v in vars(callback).items()
-            if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None), tuple))}
-
-
-def mlflow_logger(tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str = "lightning-supernet",
-                  run_name: str | None = None, tags: Mapping[str, Any] | None = None,
-                  **kwargs: Any) -> SupernetMLFlowLogger:
-    """Lightning's ``MLFlowLogger`` for supernet training (see :class:`SupernetMLFlowLogger`).
-
-    Args:
-        tracking_uri: where runs go; default ``sqlite:///mlflow.db`` (look with
-            ``mlflow ui --backend-store-uri sqlite:///mlflow.db``).
-        experiment_name: the MLflow experiment. run_name: the run's name. tags: run tags.
-        **kwargs: other ``MLFlowLogger`` arguments (``log_model``, ``artifact_location``, ``prefix``...).
-
-    Raises:
-        MissingDependencyError: MLflow is not installed.
-
-    Example:
-        >>> trainer = pl.Trainer(logger=mlflow_logger(), callbacks=[SandwichSampling()])  # doctest: +SKIP
-        >>> trainer.fit(supernet, datamodule=dm)  # doctest: +SKIP
-    """
-    require("mlflow", "mlflow", "MLflow tracking")
-    return SupernetMLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=tracking_uri,
-                                tags=dict(tags) if tags else None, **kwargs)
+#: the experiment tag that makes MLflow open an experiment as model training (not GenAI)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 class MlflowTracking:
@@ -198,6 +62,14 @@ class MlflowTracking:
         artifact_location: artifact root of a new experiment (default: MLflow's).
         pip_requirements: of the logged models (default: this torch, lightning and lightning-supernet).
         tags: extra tags of the parent run.
+        training_run_id: the MLflow run that trained the supernet; default: the run of the ``MLFlowLogger`` of
+            the Trainer that fitted it, if any. The search run gets the tag ``training_run_id`` (and becomes the
+            training run's child when both are in one experiment).
+
+    Each top-k subnet is logged inside its trial's run, as an MLflow logged model (``name="subnet-trial-<n>"``)
+    whose metrics are that trial's (``val_acc``, ``params``, ``macs``...), with the subnet config as params, a
+    signature and an input example from the supernet's ``example_input_array``. The experiment is tagged
+    ``mlflow.experimentKind=custom_model_development`` so that MLflow's UI opens it as model training.
 
     Note:
         Trials that forked workers (``n_jobs > 1``) or other processes finish are logged by the process that
@@ -213,7 +85,7 @@ class MlflowTracking:
     def __init__(self, tracking_uri: str = DEFAULT_TRACKING_URI, experiment_name: str = "lightning-supernet-search",
                  run_name: str | None = None, top_k: int = 3, log_figure: bool = True,
                  artifact_location: str | None = None, pip_requirements: list[str] | None = None,
-                 tags: Mapping[str, Any] | None = None) -> None:
+                 tags: Mapping[str, Any] | None = None, training_run_id: str | None = None) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"`top_k` must be an int >= 0, got {top_k!r}")
         self.tracking_uri = tracking_uri
@@ -224,11 +96,12 @@ class MlflowTracking:
         self.artifact_location = artifact_location
         self.pip_requirements = pip_requirements
         self.tags = dict(tags or {})
+        self.training_run_id = training_run_id
         self.enabled = True
         self.parent_run_id: str | None = None
         self.experiment_id: str | None = None
         self.model_uris: dict[int, str] = {}
-        self._logged: set[int] = set()
+        self._logged: dict[int, str] = {}  # trial number -> its run id
         self._client: Any = None
         self._pid = os.getpid()
 
@@ -280,13 +153,15 @@ class MlflowTracking:
             return None
         try:
             return fn(*args)
-        except Exception as err:  # tracking must never stop a search
+        except Exception as err:  # a tracking server that went away never stops a search; a bug propagates
+            if not is_connection_error(err):
+                raise
             self._disable(err)
             return None
 
     def _disable(self, err: Exception | None) -> None:
         self.enabled = False
-        warnings.warn(_down_message(self.tracking_uri, err), stacklevel=4)
+        warnings.warn(down_message(self.tracking_uri, err), stacklevel=4)
 
     @property
     def client(self) -> Any:
@@ -302,7 +177,10 @@ class MlflowTracking:
         client = self.client
         exp = client.get_experiment_by_name(self.experiment_name)
         self.experiment_id = exp.experiment_id if exp is not None else client.create_experiment(
-            self.experiment_name, artifact_location=self.artifact_location)
+            self.experiment_name, artifact_location=self.artifact_location, tags=EXPERIMENT_KIND)
+        if exp is not None and not set(EXPERIMENT_KIND) & set(exp.tags):
+            for k, v in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(self.experiment_id, k, v)
         key = "mlflow_parent_run_id"
         previous = search.study.user_attrs.get(key)
         if previous:
@@ -317,6 +195,7 @@ class MlflowTracking:
                 self.parent_run_id = None
         if self.parent_run_id is None:
             tags = {"mlflow.runName": self.run_name or f"search-{search.study_name}", "study_name": search.study_name,
+                    "weights_digest": str(search.weights), **self._training_link(search),
                     **{k: str(v) for k, v in self.tags.items()}}
             self.parent_run_id = client.create_run(self.experiment_id, tags=tags).info.run_id
             search.study.set_user_attr(key, self.parent_run_id)
@@ -337,10 +216,37 @@ class MlflowTracking:
         self.client.log_dict(self.parent_run_id, search.space.to_dict(), "search_space.json")
         self.client.log_dict(self.parent_run_id, {"largest": search.reference}, "reference_metrics.json")
 
-    def _logged_trials(self) -> set[int]:
+    def find_training_run(self, supernet: Any) -> str | None:
+        """Remember the run of the ``MLFlowLogger`` of the Trainer that fitted ``supernet`` (unless
+        ``training_run_id`` was given); call it before the search validates (which attaches its own Trainer).
+
+        Example:
+            >>> MlflowTracking(training_run_id="abc").find_training_run(supernet)  # doctest: +SKIP
+            'abc'
+        """
+        if self.training_run_id is None:
+            trainer = getattr(supernet, "_trainer", None)
+            for logger in getattr(trainer, "loggers", None) or []:
+                if isinstance(logger, MLFlowLogger) and getattr(logger, "_run_id", None):
+                    self.training_run_id = logger._run_id
+        return self.training_run_id
+
+    def _training_link(self, search: SubnetSearch) -> dict[str, str]:
+        run_id = self.training_run_id
+        if not run_id:
+            return {}
+        from mlflow.exceptions import MlflowException
+
+        try:
+            same = self.client.get_run(run_id).info.experiment_id == self.experiment_id
+        except MlflowException:  # not in this tracking store: keep the id as a tag only
+            same = False
+        return {"training_run_id": run_id, **({"mlflow.parentRunId": run_id} if same else {})}
+
+    def _logged_trials(self) -> dict[int, str]:
         runs = self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
                                        max_results=50000)
-        return {int(r.data.tags["trial_number"]) for r in runs if "trial_number" in r.data.tags}
+        return {int(r.data.tags["trial_number"]): r.info.run_id for r in runs if "trial_number" in r.data.tags}
 
     def _log_trial(self, search: SubnetSearch, trial: optuna.trial.FrozenTrial) -> None:
         if trial.number in self._logged or trial.state.name not in _STATUS:
@@ -361,7 +267,7 @@ class MlflowTracking:
         metrics.update({f"constraint/{k}": float(v) for k, v in trial.constraints.items()})
         self._log(run_id, params=attrs.get("config", trial.params), metrics=metrics)
         self.client.set_terminated(run_id, _STATUS[trial.state.name], end_time=_ms(trial.datetime_complete))
-        self._logged.add(trial.number)
+        self._logged[trial.number] = run_id
 
     def _finish(self, search: SubnetSearch, front: ParetoFront) -> None:
         self._logged = self._logged_trials()
@@ -395,21 +301,25 @@ class MlflowTracking:
         import mlflow
         import mlflow.pytorch
 
-        previous = mlflow.get_tracking_uri()
+        previous = os.environ.get("MLFLOW_TRACKING_URI")  # `set_tracking_uri` also sets it: restore both
         mlflow.set_tracking_uri(self.tracking_uri)
         quiet = logging.getLogger("mlflow.pytorch")  # its pickle notice, once per model: we chose pickle on purpose
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            with mlflow.start_run(run_id=self.parent_run_id):
-                for row in list(front)[: self.top_k]:
-                    small = search.export(row["config"])
+            for row in list(front)[: self.top_k]:
+                small = search.export(row["config"])
+                signature, example = model_signature(small, search.supernet.example_input_array)
+                # logged inside the trial's run, the model gets that run's metrics (MLflow 3 links them)
+                with mlflow.start_run(run_id=self._logged.get(row["trial"], self.parent_run_id)):
                     info = mlflow.pytorch.log_model(
                         small, name=f"subnet-trial-{row['trial']}", serialization_format="pickle",
                         pip_requirements=self.pip_requirements or default_pip_requirements(),
-                        params={k: str(v) for k, v in row["config"].items()},
-                        tags={"trial_number": str(row["trial"]), "motif": str(row["motif"])})
-                    self.model_uris[row["trial"]] = info.model_uri
+                        params={k: str(v) for k, v in row["config"].items()}, model_type="subnet",
+                        signature=signature, input_example=example,
+                        tags={"trial_number": str(row["trial"]), "motif": str(row["motif"]),
+                              "study_name": search.study_name, "search_run_id": str(self.parent_run_id)})
+                self.model_uris[row["trial"]] = info.model_uri
         finally:
             quiet.setLevel(level)
             mlflow.set_tracking_uri(previous)
@@ -423,6 +333,41 @@ class MlflowTracking:
         for i in range(0, max(len(ps), len(ms), 1), 100):
             if ps[i:i + 100] or ms[i:i + 100]:
                 self.client.log_batch(run_id, metrics=ms[i:i + 100], params=ps[i:i + 100])
+
+
+def model_signature(model: Any, example_input: Any) -> tuple[Any, Any]:
+    """``(signature, input example)`` for ``log_model`` from a tensor (or dict of tensors) example input, the
+    model's output on it (a tensor, or a ``.logits``) included; ``(None, None)`` without a usable example.
+
+    Example:
+        >>> import torch
+        >>> sig, x = model_signature(torch.nn.Linear(3, 2), torch.zeros(1, 3))
+        >>> x.shape, sig.inputs.to_dict()[0]["tensor-spec"]["shape"]
+        ((1, 3), (-1, 3))
+    """
+    import torch
+    from mlflow.models import infer_signature
+
+    if isinstance(example_input, torch.Tensor):
+        example = example_input.detach().cpu().numpy()
+    elif isinstance(example_input, Mapping) and all(isinstance(v, torch.Tensor) for v in example_input.values()):
+        example = {k: v.detach().cpu().numpy() for k, v in example_input.items()}
+    else:
+        return None, None
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_input, Mapping):
+                out = model(**{k: v.to(device) for k, v in example_input.items()})
+            else:
+                out = model(example_input.to(device))
+    finally:
+        model.train(was_training)
+    out = getattr(out, "logits", out)
+    output = out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else None
+    return infer_signature(example, output), example
 
 
 def default_pip_requirements() -> list[str]:

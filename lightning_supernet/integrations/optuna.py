@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,19 +36,22 @@ from lightning_supernet.integrations._objectives import (
     parse_constraints,
     resolve_objectives,
 )
+from lightning_supernet.integrations._resume import RequeueExtremes, measured_motifs, weights_digest
 from lightning_supernet.integrations._storage import make_storage
 from lightning_supernet.integrations._study import (
     bn_state,
     calibration_loader,
+    check_arguments,
     check_feasible,
     check_metrics,
     has_batchnorm,
     load_study,
     open_study,
     restore_bn_state,
-    run_forked,
+    run_search,
     val_loaders,
 )
+from lightning_supernet.integrations._tracking import default_tracking_uri
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -61,7 +63,6 @@ if TYPE_CHECKING:
 
 __all__ = ["SearchResult", "SubnetSearch", "search_subnets"]
 
-_SAMPLERS = ("tpe", "nsga2", "gp", "random")
 _REPEATED_NOTICES = (r".*treespec.*", r".*does not have many workers.*", r".*limit_val_batches.*")
 
 
@@ -81,11 +82,19 @@ class SubnetSearch:
         storage: an Optuna storage URL or object; ``None`` keeps the study in memory.
         study_name: defaults to ``"supernet-<search space fingerprint>"``.
         load_if_exists: resume a study of the same name (its objectives and search space must match).
+        resume: a study of the same name measured on other weights (the supernet was retrained, or another
+            checkpoint is loaded; weights are compared by a digest of the ``state_dict``): ``"check"`` (default)
+            refuses with :class:`~lightning_supernet.errors.SearchError`, ``"new"`` starts (or resumes) the study
+            ``"<study_name>-w<digest>"``, ``"ignore_weights"`` continues it. Metrics measured on other weights are
+            never copied to a new trial of the same motif.
         limit_val_batches: validation batches per trial (int), or a fraction of the loader (float).
         latency_device: where ``latency_ms`` is measured (default: the supernet's device).
         bn_recalibration_batches: training batches used to re-estimate BatchNorm statistics before each
             evaluation; ``None`` = 20 when the model has BatchNorm layers, else 0.
-        mlflow: a :class:`~lightning_supernet.integrations.mlflow.MlflowTracking`, a tracking URI, or ``None``.
+        mlflow: ``None`` (default): track to MLflow when it is installed and a tracking URI is set
+            (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``) or its default store ``mlflow.db`` is in the
+            working directory; ``False``: never track; ``True`` (``sqlite:///mlflow.db``), a tracking URI, or a
+            :class:`~lightning_supernet.integrations.mlflow.MlflowTracking`: track there.
         seed: seed of the sampler.
         trainer_kwargs: extra arguments of the validation ``Trainer`` (e.g. ``{"accelerator": "gpu"}``).
 
@@ -107,9 +116,11 @@ class SubnetSearch:
     enqueue_extremes: bool = True
     #: exceptions that fail one trial instead of stopping the search
     catch: tuple[type[Exception], ...] = ()
-    #: RDB storages: seconds between trial heartbeats (``None``: off). With e.g. 60, a worker marks the RUNNING
-    #: trials of a killed worker FAIL after two minutes; it costs a thread and a write per trial.
-    heartbeat_interval: int | None = None
+    #: RDB storages: seconds between trial heartbeats (``None``: off), and seconds without one after which a RUNNING
+    #: trial counts as killed (``None``: twice the interval). A search (or worker) marks such trials FAIL when it
+    #: starts and before each trial, and enqueues the largest/smallest subnet again if a killed trial ran them.
+    heartbeat_interval: int | None = 10
+    grace_period: int | None = 30
     #: Optuna's log level while the search runs (its per-trial INFO lines are replaced by the progress bar)
     optuna_verbosity: int = 30
 
@@ -119,24 +130,17 @@ class SubnetSearch:
                  constraints: Mapping[str, Any] | None = None, sampler: Any = None,
                  storage: Any = "sqlite:///search.db", study_name: str | None = None, load_if_exists: bool = True,
                  limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
-                 bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
-                 seed: int | None = None, trainer_kwargs: Mapping[str, Any] | None = None) -> None:
+                 bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | bool | None = None,
+                 seed: int | None = None, trainer_kwargs: Mapping[str, Any] | None = None,
+                 resume: str = "check") -> None:
         if not hasattr(supernet, "search_space") or not hasattr(supernet, "subnet"):
             raise SearchError(f"`supernet` must be a SupernetModule, got {type(supernet).__name__}. "
                               "HINT: wrap the model first: `SupernetModule(model)`")
         if datamodule is None and val_dataloaders is None:
             raise SearchError("`datamodule` and `val_dataloaders` are both None; allowed: a LightningDataModule with "
                               "a `val_dataloader()`, or validation DataLoader(s)")
-        if limit_val_batches is not None and not (_is_int(limit_val_batches, 1) or (
-                isinstance(limit_val_batches, float) and 0 < limit_val_batches <= 1)):
-            raise SearchError(f"`limit_val_batches` is {limit_val_batches!r}; allowed: None, an int >= 1 (batches) "
-                              "or a float in (0, 1] (fraction of the loader)")
-        if bn_recalibration_batches is not None and not _is_int(bn_recalibration_batches, 0):
-            raise SearchError(f"`bn_recalibration_batches` is {bn_recalibration_batches!r}; allowed: None or an "
-                              "int >= 0")
-        if not (sampler is None or sampler in _SAMPLERS or hasattr(sampler, "sample_independent")):
-            raise SearchError(f"`sampler` is {sampler!r}; allowed: None, {', '.join(map(repr, _SAMPLERS))} or an "
-                              "optuna.samplers.BaseSampler")
+        check_arguments(limit_val_batches=limit_val_batches, bn_recalibration_batches=bn_recalibration_batches,
+                        sampler=sampler, resume=resume)
         self.supernet = supernet
         self.space = supernet.search_space
         self.datamodule = datamodule
@@ -147,14 +151,19 @@ class SubnetSearch:
         self.storage_spec = storage
         self.study_name = study_name or f"supernet-{self.space.fingerprint}"
         self.load_if_exists = load_if_exists
+        self.resume = resume
+        self.weights: str | None = None  # digest of the supernet's state_dict, taken by `setup`
         self.limit_val_batches = limit_val_batches
         self.latency_device = latency_device
         self.bn_recalibration_batches = bn_recalibration_batches
         self.tracking = None
+        if mlflow is None:  # track by default where MLflow is set up
+            mlflow = default_tracking_uri()
         if mlflow is not None and mlflow is not False:
             from lightning_supernet.integrations.mlflow import MlflowTracking
 
             self.tracking = MlflowTracking.from_any(mlflow)
+            self.tracking.find_training_run(supernet)
         self.seed = seed
         self.trainer_kwargs = dict(trainer_kwargs or {})
         self.needed = {o.name for o in self.objectives} | {c.metric for c in self.constraints}
@@ -288,6 +297,7 @@ class SubnetSearch:
         cfg = self.suggest(trial)
         key = self.motif(cfg)
         trial.set_user_attr("motif", key)
+        trial.set_user_attr("weights", self.weights)
         hit = self.lookup(key)
         if hit is not None:
             metrics, source = hit
@@ -338,7 +348,13 @@ class SubnetSearch:
             return self.study
         import lightning.pytorch as pl
 
-        storage, self._rdb = make_storage(self.storage_spec, self.heartbeat_interval)  # fail fast, before evaluating
+        requeue = RequeueExtremes({"largest": self.space.largest().to_dict(),
+                                   "smallest": self.space.smallest().to_dict()}) if self.enqueue_extremes else None
+        storage, self._rdb = make_storage(self.storage_spec, self.heartbeat_interval,  # fail fast, before evaluating
+                                          grace_period=self.grace_period, stale_callback=requeue)
+        if requeue is not None:
+            requeue.rdb = self._rdb
+        self.weights = weights_digest(self.supernet)  # before BN recalibration touches any statistics
         self._trainer = pl.Trainer(**{
             "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
             "enable_model_summary": False, "devices": 1, "num_sanity_val_steps": 0,
@@ -350,7 +366,7 @@ class SubnetSearch:
         self._resolved = [c.resolve(self.reference) for c in self.constraints]
         if any(c.metric in COST_METRICS for c in self._resolved):
             check_feasible(self._resolved, self.constraints, self.costs(self.space.smallest()), self.reference)
-        self.study = open_study(self, storage)
+        self.study = open_study(self, storage, self._rdb)
         self._cache.setdefault(self.motif(largest), (self.reference, "reference"))
         self._load_cache()
         if self.tracking is not None:
@@ -372,56 +388,32 @@ class SubnetSearch:
         self.study, self._rdb, self.objectives = load_study(self)
         return self.study
 
-    def run(self, n_trials: int = 50, *, n_jobs: int = 1, timeout: float | None = None,
-            show_progress_bar: bool | None = None) -> SearchResult:
+    def run(self, n_trials: int | None = 50, *, n_jobs: int = 1, timeout: float | None = None,
+            show_progress_bar: bool | None = None, total_trials: int | None = None) -> SearchResult:
         """Run ``n_trials`` more trials (split over ``n_jobs`` forked worker processes) and return the result.
 
+        With ``total_trials``, run until the study holds that many trials, counting earlier runs (Optuna's
+        ``MaxTrialsCallback`` idiom): complete, pruned and failed trials and those other workers are running
+        count; trials killed with their process do not (they are redone), nor does a trial killed less than
+        ``grace_period`` seconds ago that has not been marked FAIL yet. ``n_trials`` (``None``: no limit) then caps
+        what this call runs.
+
         Raises:
-            SearchError: a bad ``n_trials``/``n_jobs``, or ``n_jobs > 1`` without a shared storage.
+            SearchError: a bad ``n_trials``/``n_jobs``/``total_trials``, or ``n_jobs > 1`` without a shared
+                storage.
             InfeasibleConstraintsError: even the smallest subnet breaks a cost constraint.
             StorageError: the storage cannot be reached.
 
         Example:
             >>> study, front = SubnetSearch(supernet, dm, storage=None).run(n_trials=30)  # doctest: +SKIP
         """
-        if not _is_int(n_trials, 0):
-            raise SearchError(f"`n_trials` is {n_trials!r}; allowed: an int >= 0")
-        if not _is_int(n_jobs, 1):
-            raise SearchError(f"`n_jobs` is {n_jobs!r}; allowed: an int >= 1 (worker processes)")
-        if n_jobs > 1 and self.storage_spec is None:
-            raise SearchError(f"`n_jobs`={n_jobs} needs a storage the workers share, but `storage` is None "
-                              "(in memory); allowed: e.g. 'sqlite:///search.db' or a PostgreSQL URL")
-        optuna = _optuna()
-        verbosity = optuna.logging.get_verbosity()
-        optuna.logging.set_verbosity(self.optuna_verbosity)
-        try:
-            self.setup()
-            if show_progress_bar is None:
-                show_progress_bar = sys.stderr.isatty()
-            if n_jobs == 1:
-                self._optimize(n_trials, timeout, show_progress_bar)
-            else:
-                run_forked(self, n_trials, n_jobs, timeout)
-        except BaseException:
-            if self.tracking is not None and self.study is not None:
-                self.tracking.abort(self)  # the trials so far get their runs; the parent run is marked FAILED
-            raise
-        finally:
-            optuna.logging.set_verbosity(verbosity)
-            if getattr(self, "_bn_state", None):
-                restore_bn_state(self.supernet, self._bn_state)
-        front = self.pareto_front()
-        completed = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if completed and not front and self._resolved:
-            warnings.warn(f"no completed trial meets the constraints ({'; '.join(c.describe() for c in self._resolved)}"
-                          "): the Pareto front is empty. HINT: loosen them or run more trials", stacklevel=2)
-        if self.tracking is not None:
-            self.tracking.finish(self, front)
-        return SearchResult(self.study, front)
+        return run_search(self, n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar,
+                          total_trials=total_trials)
 
     def _optimize(self, n_trials: int, timeout: float | None, show_progress_bar: bool) -> None:
+        callbacks = [self._after_trial] + ([self._total] if getattr(self, "_total", None) else [])
         self.study.optimize(self._objective, n_trials=n_trials, timeout=timeout, catch=self.catch,
-                            callbacks=[self._after_trial], show_progress_bar=show_progress_bar, gc_after_trial=False)
+                            callbacks=callbacks, show_progress_bar=show_progress_bar, gc_after_trial=False)
 
     def _objective(self, trial: optuna.Trial) -> list[float]:
         try:
@@ -437,29 +429,31 @@ class SubnetSearch:
             self.tracking.log_trial(self, trial)
 
     def _load_cache(self) -> None:
-        states = (_optuna().trial.TrialState.COMPLETE,)
-        for t in self.study.get_trials(deepcopy=False, states=states):
-            key, metrics = t.user_attrs.get("motif"), t.user_attrs.get("metrics")
-            if key is not None and metrics is not None and key not in self._cache:
-                self._cache[key] = (metrics, t.user_attrs.get("reused_from", t.number))
+        for key, hit in measured_motifs(self.study, self.weights).items():
+            self._cache.setdefault(key, hit)
 
 
 def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule | None = None, *,
                    val_dataloaders: Any = None, objectives: str | Sequence[str] = ("val_acc", "params"),
                    directions: Sequence[str] | Mapping[str, str] | None = None,
-                   constraints: Mapping[str, Any] | None = None, n_trials: int = 50, sampler: Any = None,
+                   constraints: Mapping[str, Any] | None = None, n_trials: int | None = 50, sampler: Any = None,
                    storage: Any = "sqlite:///search.db", study_name: str | None = None, load_if_exists: bool = True,
                    limit_val_batches: int | float | None = None, latency_device: str | torch.device | None = None,
-                   bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | None = None,
+                   bn_recalibration_batches: int | None = None, mlflow: MlflowTracking | str | bool | None = None,
                    n_jobs: int = 1, show_progress_bar: bool | None = None, timeout: float | None = None,
-                   seed: int | None = None) -> SearchResult:
+                   seed: int | None = None, resume: str = "check", total_trials: int | None = None) -> SearchResult:
     """Search a trained supernet for the best subnets under several objectives (see :class:`SubnetSearch`).
 
     Args:
-        n_trials: trials this call runs (a resumed study keeps its earlier trials and adds these).
+        n_trials: trials this call runs (a resumed study keeps its earlier trials and adds these); with
+            ``total_trials``, at most this many (``None``: no limit).
+        total_trials: run until the study holds this many trials over all its runs, so that a killed and resumed
+            search reaches the total instead of adding ``n_trials`` each time (see :meth:`SubnetSearch.run`).
         n_jobs: worker processes (forked; they share the study through ``storage``).
         show_progress_bar: Optuna's progress bar (default: when stderr is a terminal).
         timeout: stop starting trials after this many seconds.
+        mlflow: tracking; by default on when MLflow is installed and a tracking URI is set or ``mlflow.db`` is
+            in the working directory; ``mlflow=False`` opts out (see :class:`SubnetSearch`).
         The other arguments are :class:`SubnetSearch`'s.
 
     Returns:
@@ -480,15 +474,12 @@ def search_subnets(supernet: SupernetModule, datamodule: pl.LightningDataModule 
                           directions=directions, constraints=constraints, sampler=sampler, storage=storage,
                           study_name=study_name, load_if_exists=load_if_exists, limit_val_batches=limit_val_batches,
                           latency_device=latency_device, bn_recalibration_batches=bn_recalibration_batches,
-                          mlflow=mlflow, seed=seed)
-    return search.run(n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar)
+                          mlflow=mlflow, seed=seed, resume=resume)
+    return search.run(n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar,
+                      total_trials=total_trials)
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
 def _optuna() -> Any:
     return require("optuna", "optuna", "the subnet search")
-
-
-def _is_int(value: Any, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
