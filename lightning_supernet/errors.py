@@ -136,7 +136,7 @@ class InvalidArgumentError(SupernetError, ValueError):
 
 
 class CheckpointError(SupernetError, ValueError):
-    """A weights or checkpoint file cannot be loaded: missing, truncated, corrupted, or not what was expected.
+    """A weights or checkpoint file cannot be written, or cannot be loaded (missing, truncated, corrupted, wrong kind).
 
     The message names the file and what was expected in it.
 
