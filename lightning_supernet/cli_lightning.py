@@ -70,6 +70,11 @@ class SupernetCLI(LightningCLI):
         super().__init__(args=args, run=run, **kwargs)
 
     # -- parser -----------------------------------------------------------------------------------------------
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """LightningCLI's parser, without argparse's prefix matching (``--trainer.max_epoch`` is a typo)."""
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Lightning's subcommands plus ``search``, ``export`` and ``demo`` (no Trainer method arguments)."""

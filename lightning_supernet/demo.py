@@ -21,12 +21,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_supernet.errors import MissingDependencyError
 from lightning_supernet.models import TinyViT
 
-__all__ = ["DigitsDataModule", "DigitsViT"]
+__all__ = ["DigitsDataModule", "DigitsViT", "EpochSampler"]
 
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +43,34 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+class EpochSampler(RandomSampler):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``; Lightning calls ``set_epoch`` each epoch.
+
+    So a run resumed from a checkpoint taken at the end of an epoch sees the same batches as an uninterrupted one
+    (a plain ``DataLoader(shuffle=True, generator=g)`` continues ``g``'s stream, which a resume restarts). Under
+    DDP Lightning replaces it with a ``DistributedSampler``, which is seeded by epoch too.
+
+    Example:
+        >>> s = EpochSampler(range(5), seed=0)
+        >>> s.set_epoch(1); a = list(s); s.set_epoch(1)
+        >>> a == list(s) and sorted(a) == [0, 1, 2, 3, 4]
+        True
+    """
+
+    def __init__(self, data_source: Any, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
 class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's digits as a LightningDataModule: a seeded train/val split, tensors held in memory.
 
@@ -51,6 +79,10 @@ class DigitsDataModule(pl.LightningDataModule):
         val_fraction: share of the 1797 images held out for validation (and test).
         seed: seed of the split and of the training loader's shuffling.
         num_workers: ``DataLoader`` workers (0 is fastest for this tiny data set).
+        stateful: serve training batches with ``torchdata``'s ``StatefulDataLoader``, whose position Lightning
+            saves in checkpoints, so a run resumed from a mid-epoch checkpoint continues where it stopped.
+            Otherwise the order is seeded per epoch (:class:`EpochSampler`): exact resumes from end-of-epoch
+            checkpoints only.
 
     Raises:
         ValueError: ``val_fraction`` outside (0, 1) or ``batch_size`` < 1.
@@ -62,7 +94,8 @@ class DigitsDataModule(pl.LightningDataModule):
         449
     """
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0,
+                 stateful: bool = False) -> None:
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
@@ -73,6 +106,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.num_workers = num_workers
+        self.stateful = stateful
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -88,10 +122,18 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(x[val], y[val])
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (seeded)."""
+        """Shuffled training batches, in an order seeded by (seed, epoch); see ``stateful``."""
         self.setup()
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        if self.stateful:
+            try:
+                from torchdata.stateful_dataloader import StatefulDataLoader
+            except ImportError as err:  # pragma: no cover - depends on the environment
+                raise MissingDependencyError("`stateful=True` needs torchdata's StatefulDataLoader. "
+                                             "HINT: pip install torchdata") from err
+            return StatefulDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+                                      num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                          sampler=EpochSampler(self.train_set, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in a fixed order."""
@@ -109,10 +151,15 @@ class DigitsViT(pl.LightningModule):
     Args:
         dim: embedding width. depth: transformer blocks. num_heads: attention heads per block.
         mlp_ratio: MLP hidden width / ``dim``. patch_size: side of a patch (8 must be divisible by it).
-        lr: peak AdamW learning rate of the one-cycle schedule (warm-up then cosine decay, per step).
+        lr: peak AdamW learning rate of the schedule (linear warm-up then cosine decay, per step).
         weight_decay: AdamW weight decay. warmup: share of the steps spent warming up.
 
     Note:
+        The schedule's length is read from ``trainer.estimated_stepping_batches`` at the first optimizer step, not
+        in ``configure_optimizers``: asking for it there loads the training loader before Lightning restores the
+        loader's position from a checkpoint, which makes a resumed run differ from an uninterrupted one.
+        The schedule itself holds no state (a ``LambdaLR`` of the step), so a resume continues it exactly.
+
         A subnet extracted from a supernet of this module is a ``DigitsViT`` whose tensors are smaller; its
         ``hparams`` still describe the full model.
 
@@ -156,10 +203,21 @@ class DigitsViT(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
-        if not math.isfinite(total) or total < 1:
+        if self._trainer is None:
             return opt
-        # small ViTs learn slowly from a cold start: a short warm-up, then cosine decay
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=int(total),
-                                                    pct_start=self.hparams.warmup)
+        warmup = self.hparams.warmup
+
+        def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stores nothing for it
+            if step == 0:  # evaluated inside configure_optimizers: must not ask the trainer for the total yet
+                return 0.0
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total) or total < 1:
+                return 1.0
+            warm = max(1, int(total * warmup))
+            if step < warm:
+                return step / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+        # small ViTs learn slowly from a cold start: a linear warm-up from 0, then cosine decay
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from lightning_supernet.errors import CheckpointError
 
-__all__ = ["WEIGHTS_FORMAT", "atomic_write", "check_writable", "file_digest", "load_checkpoint", "load_module",
+__all__ = ["WEIGHTS_FORMAT", "atomic_path", "atomic_write", "check_writable", "file_digest", "load_checkpoint", "load_module",
            "load_weights", "save_module", "save_weights", "state_digest"]
 
 #: the ``format`` field of a weights file written by :func:`save_weights`
@@ -62,6 +62,31 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary file name beside ``path`` for writers that want a file name; renamed to ``path`` on success.
+
+    Example:
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "b.txt")
+        >>> with atomic_path(p) as tmp:
+        ...     _ = open(tmp, "w").write("hi")
+        >>> open(p).read()
+        'hi'
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield tmp
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
