@@ -19,14 +19,14 @@ from typing import Any, Optional
 
 import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lightning_supernet.cli_options import ExportOptions, MlflowOptions, SearchOptions, SupernetOptions
 from lightning_supernet.cli_steps import (export_subnets, load_supernet_weights, run_search, save_supernet_weights,
                                           say)
 from lightning_supernet.files import check_writable, load_checkpoint
 
-__all__ = ["DEMO_CONFIG", "SupernetCLI"]
+__all__ = ["DEMO_CONFIG", "SaveConfigBesideRun", "SupernetCLI", "config_dir"]
 
 _EXTRA = {"search": "Search the trained supernet's subnets (Optuna, multi-objective, resumable).",
           "export": "Write the best Pareto subnets as standalone models.",
@@ -49,6 +49,31 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
+class SaveConfigBesideRun(SaveConfigCallback):
+    """LightningCLI's ``SaveConfigCallback``; with a logger that has no local directory (MLflow) the config goes to
+    ``trainer.default_root_dir`` instead of failing.
+
+    Example:
+        >>> issubclass(SaveConfigBesideRun, SaveConfigCallback)
+        True
+    """
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.log_dir is not None:
+            return super().setup(trainer, pl_module, stage)
+        if not self.already_saved and trainer.is_global_zero:
+            path = Path(trainer.default_root_dir) / self.config_filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)
+        self.already_saved = trainer.strategy.broadcast(True)
+        return None
+
+
+def config_dir(trainer: Trainer) -> str:
+    """Where :class:`SaveConfigBesideRun` writes ``config.yaml`` for this trainer."""
+    return trainer.log_dir or trainer.default_root_dir
+
+
 class SupernetCLI(LightningCLI):
     """LightningCLI for supernets: ``fit``/``validate``/``test``/``predict`` plus ``search``, ``export``, ``demo``.
 
@@ -62,6 +87,7 @@ class SupernetCLI(LightningCLI):
     """
 
     def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", SaveConfigBesideRun)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {})
         kwargs["parser_kwargs"].setdefault("prog", "lightning-supernet")
@@ -196,7 +222,8 @@ class SupernetCLI(LightningCLI):
             return
         save_supernet_weights(self.model, self.weights_path, self._config_for_weights(), self.trainer.global_step)
         ckpt = self.trainer.checkpoint_callback
-        lines = [f"supernet weights: {self.weights_path}", f"logs and saved config: {self.trainer.log_dir}"]
+        lines = [f"supernet weights: {self.weights_path}", f"saved config: {Path(config_dir(self.trainer)) / 'config.yaml'}",
+                 f"logs: {self.trainer.log_dir or self.trainer.logger and type(self.trainer.logger).__name__}"]
         if ckpt is not None and getattr(ckpt, "dirpath", None):
             lines.append(f"Lightning checkpoints (for --ckpt_path): {ckpt.dirpath}")
         say("\n".join(lines))

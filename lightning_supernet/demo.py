@@ -80,9 +80,8 @@ class DigitsDataModule(pl.LightningDataModule):
         seed: seed of the split and of the training loader's shuffling.
         num_workers: ``DataLoader`` workers (0 is fastest for this tiny data set).
         stateful: serve training batches with ``torchdata``'s ``StatefulDataLoader``, whose position Lightning
-            saves in checkpoints, so a run resumed from a mid-epoch checkpoint continues where it stopped.
-            Otherwise the order is seeded per epoch (:class:`EpochSampler`): exact resumes from end-of-epoch
-            checkpoints only.
+            saves in checkpoints, so a run resumed from a mid-epoch checkpoint continues where it stopped. Either
+            way the order is seeded per epoch (:class:`EpochSampler`), so later epochs match too.
 
     Raises:
         ValueError: ``val_fraction`` outside (0, 1) or ``batch_size`` < 1.
@@ -130,8 +129,8 @@ class DigitsDataModule(pl.LightningDataModule):
             except ImportError as err:  # pragma: no cover - depends on the environment
                 raise MissingDependencyError("`stateful=True` needs torchdata's StatefulDataLoader. "
                                              "HINT: pip install torchdata") from err
-            return StatefulDataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                                      num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+            return StatefulDataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                                      sampler=EpochSampler(self.train_set, self.seed))
         return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
                           sampler=EpochSampler(self.train_set, self.seed))
 
