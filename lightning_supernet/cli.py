@@ -86,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SupernetError as err:
         print(f"lightning-supernet {command}: error: {err}", file=sys.stderr)
         return 2
+    except ImportError as err:
+        if "jsonargparse" not in str(err):
+            raise
+        print(f"lightning-supernet {command}: error: the command line needs jsonargparse ({err}). "
+              "HINT: pip install 'lightning-supernet[cli]'", file=sys.stderr)
+        return 2
     return 0
 
 

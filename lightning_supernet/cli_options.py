@@ -38,6 +38,10 @@ class SupernetOptions:
             training; null: off.
         bn_recalibration: ``BNRecalibration(num_batches=...)`` before each validation (models with BatchNorm);
             null: off.
+
+    Example:
+        >>> [type(c).__name__ for c in SupernetOptions(prioritization="magnitude").callbacks()]
+        ['ParameterPrioritization', 'SandwichSampling', 'InplaceDistillation']
     """
 
     space: Optional[dict[str, Any]] = None
@@ -81,6 +85,10 @@ class MlflowOptions:
         enabled: track in MLflow.
         tracking_uri: MLflow tracking URI (``sqlite:///mlflow.db`` is a file in the working directory).
         experiment_name: MLflow experiment.
+
+    Example:
+        >>> MlflowOptions(enabled=True).tracking_uri
+        'sqlite:///mlflow.db'
     """
 
     enabled: bool = False
@@ -106,6 +114,10 @@ class SearchOptions:
         limit_val_batches: validation batches per trial (int) or fraction (float).
         seed: seed of the sampler.
         extra: further keyword arguments of ``SubnetSearch`` (passed as given).
+
+    Example:
+        >>> SearchOptions(sampler="nsga2").objectives
+        ['val_acc', 'params']
     """
 
     objectives: list[str] = field(default_factory=lambda: ["val_acc", "params"])
@@ -131,6 +143,10 @@ class ExportOptions:
         top_k: export the first ``top_k`` subnets of the Pareto front.
         trials: export these trial numbers instead.
         out_dir: null: ``<run_dir>/exported``.
+
+    Example:
+        >>> ExportOptions(trials=[3]).top_k
+        3
     """
 
     top_k: int = 3

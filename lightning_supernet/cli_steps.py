@@ -33,7 +33,12 @@ class CLIError(SupernetError, ValueError):
 
 
 def say(text: str) -> None:
-    """Print a line of the command's report (flushed, so it interleaves with Lightning's output)."""
+    """Print a line of the command's report (flushed, so it interleaves with Lightning's output).
+
+    Example:
+        >>> say("supernet weights: runs/x/supernet.pt")
+        supernet weights: runs/x/supernet.pt
+    """
     print(text, flush=True)
 
 
@@ -74,6 +79,11 @@ def search_kwargs(opts: Any, run_dir: str | Path) -> dict[str, Any]:
     """``SubnetSearch`` keyword arguments from a :class:`~lightning_supernet.cli_options.SearchOptions`.
 
     The storage defaults to ``sqlite:///<run_dir>/search.db`` and the validation trainer writes under ``run_dir``.
+
+    Example:
+        >>> from lightning_supernet.cli_options import SearchOptions
+        >>> search_kwargs(SearchOptions(extra={"bn_recalibration_batches": 0}), "r")["bn_recalibration_batches"]
+        0
     """
     values = dataclasses.asdict(opts)
     extra = values.pop("extra") or {}

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import optuna
 import pytest
@@ -253,18 +254,31 @@ def test_ckpt_path_resume_across_an_epoch_boundary_is_not_exact(config, tmp_path
     _assert_same(_killed_then_resumed(config, tmp_path, 3, args), straight)
 
 
+DEMO_SMALL = ["--search.n_trials", "3", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+              "--trainer.limit_val_batches", "1", "--model.init_args.dim", "16", "--model.init_args.depth", "2",
+              "--model.init_args.num_heads", "2", "--export.top_k", "1", "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false"]
+
+
+def test_demo_runs_end_to_end_without_tracking(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", *DEMO_SMALL, "--mlflow.enabled", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "[3/3] exporting" in out
+    saved = out.split("saved config: ")[1].split()[0]
+    assert saved.startswith("runs/demo/") and yaml.safe_load(Path(saved).read_text())["model"]["init_args"]["dim"] == 16
+    assert len(list((tmp_path / "runs" / "demo" / "exported").glob("*.pt"))) == 1
+    assert {n for n in os.listdir(tmp_path) if not n.startswith("search.db")} == {"runs"}
+
+
+@pytest.mark.slow
 def test_demo_runs_end_to_end_and_says_where_to_look(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["demo", "--search.n_trials", "3", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-            "--trainer.limit_val_batches", "1", "--model.init_args.dim", "16", "--model.init_args.depth", "2",
-            "--model.init_args.num_heads", "2", "--export.top_k", "1", "--trainer.enable_progress_bar", "false",
-            "--trainer.enable_model_summary", "false"]
-    assert main(argv) == 0
+    assert main(["demo", *DEMO_SMALL]) == 0
     out = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "search.db").exists()
     assert len(list((tmp_path / "runs" / "demo" / "exported").glob("*.pt"))) == 1
     # the stores the config names (MLflow's own artifact folder for that URI, mlruns/), and no Lightning files
     assert {n for n in os.listdir(tmp_path) if not n.startswith(("mlflow.db", "search.db"))} <= {"runs", "mlruns"}
-    assert "saved config: runs/demo/config.yaml" in out
     assert (tmp_path / "runs" / "demo" / "config.yaml").exists()
