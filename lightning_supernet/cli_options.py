@@ -108,11 +108,13 @@ class SearchOptions:
         storage: Optuna storage URL; null: ``sqlite:///<run_dir>/search.db``.
         study_name: null: derived by the search from the search space.
         load_if_exists: resume a study of the same name.
-        n_trials: trials this command runs.
+        n_trials: trials the study should hold: ``search`` runs only the missing ones, so a rerun after a kill
+            completes the study instead of adding ``n_trials`` more (raise it to extend a finished search).
         n_jobs: worker processes sharing the study.
         timeout: stop starting trials after this many seconds.
         limit_val_batches: validation batches per trial (int) or fraction (float).
         seed: seed of the sampler.
+        resume: a study measured on other weights: ``SubnetSearch(resume=...)`` (null: the search's default).
         extra: further keyword arguments of ``SubnetSearch`` (passed as given).
 
     Example:
@@ -132,6 +134,7 @@ class SearchOptions:
     timeout: Optional[float] = None
     limit_val_batches: Optional[Union[int, float]] = None
     seed: Optional[int] = 0
+    resume: Optional[str] = None
     extra: Optional[dict[str, Any]] = None
 
 

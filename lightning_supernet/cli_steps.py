@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ def search_kwargs(opts: Any, run_dir: str | Path) -> dict[str, Any]:
     """
     values = dataclasses.asdict(opts)
     extra = values.pop("extra") or {}
+    if values["resume"] is None:  # only when asked: older SubnetSearch versions have no `resume`
+        values.pop("resume")
     for key in _RUN_KEYS:
         values.pop(key)
     if values["storage"] is None:
@@ -105,6 +108,16 @@ def _make_search(supernet: Any, data: Any, opts: Any, run_dir: str | Path, track
         raise CLIError(f"`search.extra`: {err}") from err
 
 
+def _run_kwargs(search: Any, opts: Any) -> dict[str, Any]:
+    """``run`` arguments that make ``opts.n_trials`` the study's total (Optuna's MaxTrialsCallback idiom)."""
+    if "total_trials" in inspect.signature(search.run).parameters:
+        return {"n_trials": None, "total_trials": opts.n_trials, "n_jobs": opts.n_jobs, "timeout": opts.timeout}
+    study = search.setup()
+    states = ("COMPLETE", "PRUNED", "FAIL")
+    done = sum(t.state.name in states for t in study.get_trials(deepcopy=False))
+    return {"n_trials": max(0, opts.n_trials - done), "n_jobs": opts.n_jobs, "timeout": opts.timeout}
+
+
 def run_search(supernet: Any, data: Any, opts: Any, run_dir: str | Path, mlflow: Any = None,
                top_k: int = 3) -> Any:
     """Run (or resume) the Optuna search; prints the study, where it is stored, and the Pareto front.
@@ -119,8 +132,8 @@ def run_search(supernet: Any, data: Any, opts: Any, run_dir: str | Path, mlflow:
 
         tracking = MlflowTracking(tracking_uri=mlflow.tracking_uri, experiment_name=mlflow.experiment_name,
                                   top_k=top_k)
-    search = _make_search(supernet, data, opts, run_dir, tracking)
-    result = search.run(opts.n_trials, n_jobs=opts.n_jobs, timeout=opts.timeout)
+    search = _make_search(supernet, data, opts, run_dir, tracking if tracking is not None else False)
+    result = search.run(**_run_kwargs(search, opts))
     done = sum(t.state.name == "COMPLETE" for t in result.study.trials)
     reused = sum("reused_from" in t.user_attrs for t in result.study.trials)
     say(f"study {search.study_name!r} in {search.storage_spec}: {done} complete trials ({reused} reused an "
@@ -141,7 +154,7 @@ def export_subnets(supernet: Any, data: Any, search_opts: Any, export_opts: Any,
     """
     from lightning_supernet.cost import count_params
 
-    search = _make_search(supernet, data, search_opts, run_dir, None)
+    search = _make_search(supernet, data, search_opts, run_dir, False)
     search.load_study()
     front = search.pareto_front()
     if export_opts.trials is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -134,21 +135,43 @@ def test_search_without_weights_says_to_fit_first(config, capsys):
     assert "run `lightning-supernet fit` with the same config first" in capsys.readouterr().err
 
 
-def test_fit_validate_search_resume_export(config, tmp_path, capsys):
-    from lightning_supernet.cli_lightning import SupernetCLI
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One `fit` for the tests below; each gets a fresh copy of its working directory."""
+    root = tmp_path_factory.mktemp("trained")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        config = _write(root / "config.yaml", CONFIG)
+        assert main(["fit", "--config", config]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
 
-    assert main(["fit", "--config", config]) == 0
-    out = capsys.readouterr().out
-    run = tmp_path / "runs" / "cli"
-    assert f"supernet weights: {os.path.join('runs', 'cli', 'supernet.pt')}" in out
-    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "runs"]  # nothing else in the working directory
+
+@pytest.fixture
+def fitted(trained, tmp_path, monkeypatch):
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    return "config.yaml", tmp_path / "runs" / "cli"
+
+
+def test_fit_writes_every_file_under_run_dir(trained):
+    run = trained / "runs" / "cli"
+    assert sorted(os.listdir(trained)) == ["config.yaml", "runs"]  # nothing else in the working directory
     saved = yaml.safe_load((run / "lightning_logs" / "version_0" / "config.yaml").read_text())
     assert saved["model"]["init_args"]["dim"] == 16 and saved["supernet"]["sandwich"] == 1
     assert list((run / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
     weights = load_weights(run / "supernet.pt")
     assert weights["global_step"] == 3 and weights["config"]["model"]["init_args"]["dim"] == 16
 
-    # validate loads the trained weights: the metric equals a hand-computed accuracy of the largest subnet
+
+def test_validate_uses_the_trained_weights(fitted):
+    """The logged metric equals a hand-computed accuracy of the largest subnet with the saved weights."""
+    from lightning_supernet.cli_lightning import SupernetCLI
+
+    config, run = fitted
+    weights = load_weights(run / "supernet.pt")
     cli = SupernetCLI(args=["validate", "--config", config])
     model = DigitsViT(dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
     model.load_state_dict({k.removeprefix("model."): v for k, v in weights["state_dict"].items()})
@@ -157,9 +180,15 @@ def test_fit_validate_search_resume_export(config, tmp_path, capsys):
         acc = (model.eval()(x).argmax(-1) == y).float().mean()
     assert float(cli.trainer.callback_metrics["val_acc"]) == pytest.approx(float(acc), abs=1e-6)
 
+
+def test_search_reaches_its_total_then_export(fitted, capsys):
+    config, run = fitted
     assert main(["search", "--config", config]) == 0
     assert "Pareto front" in capsys.readouterr().out
-    assert main(["search", "--config", config, "--search.n_trials", "2"]) == 0  # resumes the same study
+    assert main(["search", "--config", config]) == 0  # n_trials is the study's total: nothing is missing
+    study = optuna.load_study(study_name="cli", storage=f"sqlite:///{run}/search.db")
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 4
+    assert main(["search", "--config", config, "--search.n_trials", "6"]) == 0  # extends the same study to 6
     study = optuna.load_study(study_name="cli", storage=f"sqlite:///{run}/search.db")
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 6
     assert main(["export", "--config", config]) == 0
@@ -172,14 +201,16 @@ def test_fit_validate_search_resume_export(config, tmp_path, capsys):
         assert count_params(small) == meta["metrics"]["params"]
         assert small(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert main(["export", "--config", config, "--export.trials", "[0]", "--export.out_dir", "one"]) == 0
-    assert [p.name for p in (tmp_path / "one").glob("*.pt")] == ["subnet-trial-0.pt"]
-    assert sorted(os.listdir(tmp_path)) == ["config.yaml", "one", "runs"]
+    assert [p.name for p in Path("one").glob("*.pt")] == ["subnet-trial-0.pt"]
+    assert sorted(os.listdir(".")) == ["config.yaml", "one", "runs"]
 
-    # a weight overwritten with garbage is refused by its digest; a truncated file names the file
+
+def test_damaged_weights_and_checkpoints_are_refused(fitted, capsys):
+    """A weight overwritten with garbage is refused by its digest; truncated/random files name the file."""
+    config, run = fitted
     state = torch.load(run / "supernet.pt", weights_only=True)
     state["state_dict"][next(iter(state["state_dict"]))].view(-1)[0] = 9.9e31
     torch.save(state, run / "supernet.pt")
-    capsys.readouterr()
     assert main(["search", "--config", config]) == 2
     assert "supernet.pt' is corrupted: its tensors hash to sha256" in capsys.readouterr().err
     (run / "supernet.pt").write_bytes((run / "supernet.pt").read_bytes()[:2000])
