@@ -55,7 +55,8 @@ def supernet_and_data(args):
     cfg["trainer"].update(max_epochs=args.epochs, enable_progress_bar=False, enable_model_summary=False,
                           logger=False, enable_checkpointing=False)
     cfg["mlflow"]["enabled"] = False
-    cli = SupernetCLI(args=cfg, run=False, save_config_callback=None)  # the demo's model, data and trainer, built as the CLI builds them
+    # the demo's model, data and trainer, built as the CLI builds them
+    cli = SupernetCLI(args=cfg, run=False, save_config_callback=None)
     if args.checkpoint and Path(args.checkpoint).exists():
         load_supernet_weights(cli.model, args.checkpoint)
         return cli.model, cli.datamodule, f"loaded {args.checkpoint}"

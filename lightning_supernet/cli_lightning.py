@@ -222,7 +222,8 @@ class SupernetCLI(LightningCLI):
             return
         save_supernet_weights(self.model, self.weights_path, self._config_for_weights(), self.trainer.global_step)
         ckpt = self.trainer.checkpoint_callback
-        lines = [f"supernet weights: {self.weights_path}", f"saved config: {Path(config_dir(self.trainer)) / 'config.yaml'}",
+        lines = [f"supernet weights: {self.weights_path}",
+                 f"saved config: {Path(config_dir(self.trainer)) / 'config.yaml'}",
                  f"logs: {self.trainer.log_dir or self.trainer.logger and type(self.trainer.logger).__name__}"]
         if ckpt is not None and getattr(ckpt, "dirpath", None):
             lines.append(f"Lightning checkpoints (for --ckpt_path): {ckpt.dirpath}")

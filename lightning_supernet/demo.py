@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 from lightning_supernet.errors import MissingDependencyError
 from lightning_supernet.models import TinyViT
 
-__all__ = ["DigitsDataModule", "DigitsViT", "EpochSampler"]
+__all__ = ["DigitsDataModule", "DigitsViT", "EpochSampler", "one_cycle_factor"]
 
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,17 +144,43 @@ class DigitsDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
 
+def one_cycle_factor(step: int, total_steps: Any, warmup: float, div: float = 25.0, final_div: float = 1e4) -> float:
+    """The learning-rate factor of ``OneCycleLR`` (cosine, ``cycle_momentum=False``) at ``step``, as a function.
+
+    ``total_steps`` is a callable, called only from step 1 on: step 0 (evaluated when the scheduler is built,
+    inside ``configure_optimizers``) is ``1 / div`` whatever the length.
+
+    Example:
+        >>> round(one_cycle_factor(0, None, 0.15), 4), one_cycle_factor(14, lambda: 100, 0.15)
+        (0.04, 1.0)
+    """
+    if step == 0:
+        return 1.0 / div
+    total = total_steps()
+    if not math.isfinite(total) or total < 2:
+        return 1.0
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2.0 * (1 + math.cos(math.pi * min(1.0, pct)))
+
+    warm_end = float(warmup * total) - 1
+    if step <= warm_end:
+        return anneal(1.0 / div, 1.0, step / warm_end)
+    return anneal(1.0, 1.0 / (div * final_div), (step - warm_end) / (total - 1 - warm_end))
+
+
 class DigitsViT(pl.LightningModule):
     """A TinyViT classifier for 8x8 digits; logs ``train_loss``, ``val_loss`` and ``val_acc``.
 
     Args:
         dim: embedding width. depth: transformer blocks. num_heads: attention heads per block.
         mlp_ratio: MLP hidden width / ``dim``. patch_size: side of a patch (8 must be divisible by it).
-        lr: peak AdamW learning rate of the schedule (linear warm-up then cosine decay, per step).
+        lr: peak AdamW learning rate of the one-cycle schedule (warm-up then cosine decay, per step;
+            :func:`one_cycle_factor`: OneCycleLR's learning rates, without its momentum cycling).
         weight_decay: AdamW weight decay. warmup: share of the steps spent warming up.
 
     Note:
-        The schedule's length is read from ``trainer.estimated_stepping_batches`` at the first optimizer step, not
+        The schedule's length is read from ``trainer.estimated_stepping_batches`` when the scheduler first steps, not
         in ``configure_optimizers``: asking for it there loads the training loader before Lightning restores the
         loader's position from a checkpoint, which makes a resumed run differ from an uninterrupted one.
         The schedule itself holds no state (a ``LambdaLR`` of the step), so a resume continues it exactly.
@@ -207,16 +233,8 @@ class DigitsViT(pl.LightningModule):
         warmup = self.hparams.warmup
 
         def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stores nothing for it
-            if step == 0:  # evaluated inside configure_optimizers: must not ask the trainer for the total yet
-                return 0.0
-            total = self.trainer.estimated_stepping_batches
-            if not math.isfinite(total) or total < 1:
-                return 1.0
-            warm = max(1, int(total * warmup))
-            if step < warm:
-                return step / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+            return one_cycle_factor(step, lambda: self.trainer.estimated_stepping_batches, warmup)
 
-        # small ViTs learn slowly from a cold start: a linear warm-up from 0, then cosine decay
+        # small ViTs learn slowly from a cold start: OneCycleLR's warm-up then cosine decay, as a LambdaLR
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

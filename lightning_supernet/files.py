@@ -33,7 +33,8 @@ from typing import IO, Any
 
 from lightning_supernet.errors import CheckpointError
 
-__all__ = ["WEIGHTS_FORMAT", "atomic_path", "atomic_write", "check_writable", "file_digest", "load_checkpoint", "load_module",
+__all__ = ["WEIGHTS_FORMAT", "atomic_path", "atomic_write", "check_writable", "file_digest", "load_checkpoint",
+           "load_module",
            "load_weights", "save_module", "save_weights", "state_digest"]
 
 #: the ``format`` field of a weights file written by :func:`save_weights`
