@@ -313,3 +313,33 @@ def test_demo_runs_end_to_end_and_says_where_to_look(tmp_path, monkeypatch, caps
     # the stores the config names (MLflow's own artifact folder for that URI, mlruns/), and no Lightning files
     assert {n for n in os.listdir(tmp_path) if not n.startswith(("mlflow.db", "search.db"))} <= {"runs", "mlruns"}
     assert (tmp_path / "runs" / "demo" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_a_search_killed_with_sigkill_resumes_to_its_total(fitted):
+    """`search` killed -9 after some trials; running it again completes the study to exactly n_trials."""
+    import signal
+    import time
+
+    config, run = fitted
+    argv = [sys.executable, "-m", "lightning_supernet.cli", "search", "--config", config, "--search.n_trials", "8"]
+    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage, deadline = f"sqlite:///{run}/search.db", time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                trials = optuna.load_study(study_name="cli", storage=storage).trials
+            except KeyError:  # the study is not created yet
+                continue
+            if sum(t.state.name == "COMPLETE" for t in trials) >= 3:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    before = sum(t.state.name == "COMPLETE" for t in optuna.load_study(study_name="cli", storage=storage).trials)
+    assert 3 <= before < 8
+    assert main(["search", "--config", config, "--search.n_trials", "8"]) == 0
+    trials = optuna.load_study(study_name="cli", storage=storage).trials
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 8
