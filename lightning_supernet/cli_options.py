@@ -25,7 +25,8 @@ class SupernetOptions:
     Args:
         space: ``SupernetModule(space=...)``: restricts or overrides the discovered space, e.g.
             ``{min_depth: 0.5, width_ratios: [0.5, 0.75, 1.0]}``.
-        eval_subnets: subnets validated every epoch (names ``largest``/``smallest``/``middle``).
+        eval_subnets: subnets validated every epoch (names ``largest``/``smallest``/``middle``); null: only
+            the active (largest) subnet, under your own metric names.
         gradient_clip_val: gradient clipping done by the wrapper (the Trainer's is off under manual optimisation).
         accumulate_grad_batches: micro-batches per optimizer step (done by the wrapper).
         sandwich: ``SandwichSampling(num_random=...)``: random subnets per step besides the largest and smallest;
@@ -57,7 +58,8 @@ class SupernetOptions:
 
     def module_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``SupernetModule`` besides the model."""
-        return {"space": self.space, "eval_subnets": tuple(self.eval_subnets or ()),
+        subnets = None if self.eval_subnets is None else tuple(self.eval_subnets)
+        return {"space": self.space, "eval_subnets": subnets,
                 "gradient_clip_val": self.gradient_clip_val, "accumulate_grad_batches": self.accumulate_grad_batches}
 
     def callbacks(self) -> list[Any]:
