@@ -25,9 +25,11 @@ Example:
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lightning_supernet.errors import SupernetError
 
@@ -53,6 +55,27 @@ common options of every subcommand:
 """
 
 
+class _Tee(io.TextIOBase):
+    """Writes to the real stream and keeps a copy of the first 64 kB (to add a hint after jsonargparse's error)."""
+
+    def __init__(self, stream: Any, copy: io.StringIO) -> None:
+        self.stream, self.copy = stream, copy
+
+    def write(self, text: str) -> int:
+        if self.copy.tell() < 65536:
+            self.copy.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
 def _import_cwd() -> None:
     cwd = os.getcwd()
     if "" not in sys.path and cwd not in sys.path:
@@ -76,13 +99,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     _import_cwd()
     command = args[0]
+    err_copy = io.StringIO()
+    stderr = sys.stderr
+    sys.stderr = _Tee(stderr, err_copy)
     try:
         from lightning_supernet.cli_lightning import SupernetCLI
 
         SupernetCLI(args=args)
     except SystemExit as exit_:  # jsonargparse's --help, --print_config and parse errors
         code = exit_.code
-        return code if isinstance(code, int) else (0 if code is None else 2)
+        code = code if isinstance(code, int) else (0 if code is None else 2)
+        if code and "No module named" in err_copy.getvalue():
+            print(f"HINT: class paths are imported with the current directory ({os.getcwd()}) first on sys.path, "
+                  "as `python -m` does: run from the folder that holds your module, or add that folder to "
+                  "PYTHONPATH", file=stderr)
+        return code
     except SupernetError as err:
         print(f"lightning-supernet {command}: error: {err}", file=sys.stderr)
         return 2
@@ -92,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lightning-supernet {command}: error: the command line needs jsonargparse ({err}). "
               "HINT: pip install 'lightning-supernet[cli]'", file=sys.stderr)
         return 2
+    finally:
+        sys.stderr = stderr
     return 0
 
 

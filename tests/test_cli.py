@@ -123,6 +123,12 @@ def test_modules_in_the_current_directory_import(tmp_path, monkeypatch, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"]["class_path"] == "my_model_cli_test.MyViT"
 
 
+def test_a_missing_module_gets_a_hint_about_the_current_directory(config, capsys):
+    assert main(["fit", "--config", config, "--model.class_path", "my_missing_module.Model"]) == 2
+    err = capsys.readouterr().err
+    assert "No module named 'my_missing_module'" in err and "HINT: class paths are imported with the current" in err
+
+
 def test_fit_refuses_unwritable_outputs_before_training(config, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     assert main(["fit", "--config", config, "--weights", "a-file/supernet.pt"]) == 2
