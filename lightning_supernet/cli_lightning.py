@@ -193,8 +193,8 @@ class SupernetCLI(LightningCLI):
         if trainer_cfg.get("logger") is None and mlflow.enabled and self.subcommand in ("fit", "demo"):
             from lightning_supernet.integrations.mlflow import mlflow_logger
 
-            extra["logger"] = mlflow_logger(tracking_uri=mlflow.tracking_uri,
-                                            experiment_name=mlflow.experiment_name, run_name="fit")
+            extra["logger"] = mlflow_logger(tracking_uri=mlflow.tracking_uri, experiment_name=mlflow.experiment_name,
+                                            run_name="fit", **mlflow.location())
         self.trainer = self.instantiate_trainer(**extra)
 
     def _config_for_weights(self) -> dict[str, Any]:

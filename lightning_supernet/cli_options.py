@@ -87,6 +87,8 @@ class MlflowOptions:
         enabled: track in MLflow.
         tracking_uri: MLflow tracking URI (``sqlite:///mlflow.db`` is a file in the working directory).
         experiment_name: MLflow experiment.
+        artifact_location: artifact root of a new experiment (null: MLflow's, ``./mlruns`` beside a sqlite store),
+            e.g. ``runs/mlflow-artifacts``.
 
     Example:
         >>> MlflowOptions(enabled=True).tracking_uri
@@ -96,6 +98,11 @@ class MlflowOptions:
     enabled: bool = False
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment_name: str = "lightning-supernet"
+    artifact_location: Optional[str] = None
+
+    def location(self) -> dict[str, Any]:
+        """``{"artifact_location": ...}`` when one is set (for ``mlflow_logger`` and ``MlflowTracking``)."""
+        return {} if self.artifact_location is None else {"artifact_location": self.artifact_location}
 
 
 @dataclass

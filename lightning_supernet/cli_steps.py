@@ -131,7 +131,7 @@ def run_search(supernet: Any, data: Any, opts: Any, run_dir: str | Path, mlflow:
         from lightning_supernet.integrations.mlflow import MlflowTracking
 
         tracking = MlflowTracking(tracking_uri=mlflow.tracking_uri, experiment_name=mlflow.experiment_name,
-                                  top_k=top_k)
+                                  top_k=top_k, **mlflow.location())
     search = _make_search(supernet, data, opts, run_dir, tracking if tracking is not None else False)
     result = search.run(**_run_kwargs(search, opts))
     done = sum(t.state.name == "COMPLETE" for t in result.study.trials)

@@ -311,13 +311,14 @@ def test_demo_runs_end_to_end_without_tracking(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_says_where_to_look(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", *DEMO_SMALL]) == 0
+    assert main(["demo", *DEMO_SMALL, "--mlflow.artifact_location", "runs/mlflow-artifacts"]) == 0
     out = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
     assert (tmp_path / "mlflow.db").exists() and (tmp_path / "search.db").exists()
     assert len(list((tmp_path / "runs" / "demo" / "exported").glob("*.pt"))) == 1
-    # the stores the config names (MLflow's own artifact folder for that URI, mlruns/), and no Lightning files
-    assert {n for n in os.listdir(tmp_path) if not n.startswith(("mlflow.db", "search.db"))} <= {"runs", "mlruns"}
+    # only the stores the config names, and the run directory (MLflow's artifacts too)
+    assert {n for n in os.listdir(tmp_path) if not n.startswith(("mlflow.db", "search.db"))} == {"runs"}
+    assert any((tmp_path / "runs" / "mlflow-artifacts").rglob("*"))
     assert (tmp_path / "runs" / "demo" / "config.yaml").exists()
 
 

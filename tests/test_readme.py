@@ -82,4 +82,6 @@ def test_readme_cli_path_with_mlflow_tracking(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(config["mlflow"]["tracking_uri"])
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) >= 2  # the training run and the search's parent run (plus a nested run per trial)
+    assert {n for n in os.listdir(tmp_path) if not n.startswith("mlflow.db")} == {"runs", "small.yaml",
+                                                                                   "supernet.yaml"}
     _run_python_block(tmp_path, config)
