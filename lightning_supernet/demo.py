@@ -143,6 +143,10 @@ class DigitsDataModule(pl.LightningDataModule):
         """The validation split again (the demo has no separate test split)."""
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        """The validation split's images and labels (``DigitsViT.predict_step`` returns class indices)."""
+        return self.val_dataloader()
+
 
 def one_cycle_factor(step: int, total_steps: Any, warmup: float, div: float = 25.0, final_div: float = 1e4) -> float:
     """The learning-rate factor of ``OneCycleLR`` (cosine, ``cycle_momentum=False``) at ``step``, as a function.
@@ -225,6 +229,10 @@ class DigitsViT(pl.LightningModule):
         logits = self(x)
         self.log("test_acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y))
         return F.cross_entropy(logits, y)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        return self(x).argmax(-1)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

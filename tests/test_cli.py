@@ -187,6 +187,21 @@ def test_validate_uses_the_trained_weights(fitted):
     assert float(cli.trainer.callback_metrics["val_acc"]) == pytest.approx(float(acc), abs=1e-6)
 
 
+def test_test_and_predict_use_the_trained_weights(fitted):
+    from lightning_supernet.cli_lightning import SupernetCLI
+
+    config, run = fitted
+    weights = load_weights(run / "supernet.pt")
+    model = DigitsViT(dim=16, depth=2, num_heads=2, mlp_ratio=2.0).eval()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in weights["state_dict"].items()})
+    cli = SupernetCLI(args=["predict", "--config", config, "--trainer.limit_predict_batches", "1"])
+    x, _ = next(iter(cli.datamodule.predict_dataloader()))
+    predictions = cli.trainer.predict_loop.predictions
+    with torch.no_grad():
+        assert torch.equal(predictions[0], model(x).argmax(-1))
+    assert main(["test", "--config", config, "--trainer.limit_test_batches", "1"]) == 0
+
+
 def test_search_reaches_its_total_then_export(fitted, capsys):
     config, run = fitted
     assert main(["search", "--config", config]) == 0
