@@ -203,7 +203,7 @@ class SupernetCLI(LightningCLI):
 
     def _load_trained(self, required: bool) -> bool:
         if self.weights_path.exists() or required:
-            load_supernet_weights(self.model, self.weights_path)
+            self.weights_meta = load_supernet_weights(self.model, self.weights_path)
             say(f"supernet weights: {self.weights_path}")
             return True
         say(f"no supernet weights at {self.weights_path} (run `fit` first): using the model as initialised")
@@ -220,7 +220,9 @@ class SupernetCLI(LightningCLI):
         """Write the trained supernet's weights (rank 0), atomically with a sha256 digest; say where files are."""
         if not self.trainer.is_global_zero:
             return
-        save_supernet_weights(self.model, self.weights_path, self._config_for_weights(), self.trainer.global_step)
+        run_id = getattr(self.trainer.logger, "run_id", None)  # MLFlowLogger's training run
+        save_supernet_weights(self.model, self.weights_path, self._config_for_weights(), self.trainer.global_step,
+                              run_id if isinstance(run_id, str) else None)
         ckpt = self.trainer.checkpoint_callback
         lines = [f"supernet weights: {self.weights_path}",
                  f"saved config: {Path(config_dir(self.trainer)) / 'config.yaml'}",
@@ -239,7 +241,7 @@ class SupernetCLI(LightningCLI):
         """Run (or resume) the search on the weights written by ``fit``."""
         self._load_trained(required=True)
         return run_search(self.model, self.datamodule, self._opt("search"), self.run_dir, self._opt("mlflow"),
-                          self._opt("export").top_k)
+                          self._opt("export").top_k, self.weights_meta.get("mlflow_run_id"))
 
     def export(self) -> list[Path]:
         """Export the best subnets of the study."""

@@ -15,7 +15,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from lightning_supernet.errors import CheckpointError, SupernetError
+from lightning_supernet.errors import CheckpointError, SearchError, SupernetError
 from lightning_supernet.files import load_weights, save_module, save_weights
 
 __all__ = ["CLIError", "export_subnets", "load_supernet_weights", "run_search", "save_supernet_weights",
@@ -44,8 +44,10 @@ def say(text: str) -> None:
 
 
 def save_supernet_weights(supernet: Any, path: str | Path, config: dict[str, Any] | None = None,
-                          global_step: int = 0) -> str:
+                          global_step: int = 0, mlflow_run_id: str | None = None) -> str:
     """Write the supernet's weights, search-space fingerprint and config atomically, with a sha256 digest.
+
+    ``mlflow_run_id`` (the training run) is kept so that a later ``search`` links its run to it.
 
     Returns the digest.
 
@@ -53,7 +55,7 @@ def save_supernet_weights(supernet: Any, path: str | Path, config: dict[str, Any
         >>> save_supernet_weights(supernet, "runs/x/supernet.pt")  # doctest: +SKIP
     """
     return save_weights(path, supernet.state_dict(), fingerprint=supernet.search_space.fingerprint,
-                        config=config or {}, global_step=int(global_step))
+                        config=config or {}, global_step=int(global_step), mlflow_run_id=mlflow_run_id)
 
 
 def load_supernet_weights(supernet: Any, path: str | Path) -> dict[str, Any]:
@@ -119,7 +121,7 @@ def _run_kwargs(search: Any, opts: Any) -> dict[str, Any]:
 
 
 def run_search(supernet: Any, data: Any, opts: Any, run_dir: str | Path, mlflow: Any = None,
-               top_k: int = 3) -> Any:
+               top_k: int = 3, training_run_id: str | None = None) -> Any:
     """Run (or resume) the Optuna search; prints the study, where it is stored, and the Pareto front.
 
     Example:
@@ -130,10 +132,19 @@ def run_search(supernet: Any, data: Any, opts: Any, run_dir: str | Path, mlflow:
     if mlflow is not None and mlflow.enabled:
         from lightning_supernet.integrations.mlflow import MlflowTracking
 
+        link = {}
+        if training_run_id and "training_run_id" in inspect.signature(MlflowTracking).parameters:
+            link = {"training_run_id": training_run_id}
         tracking = MlflowTracking(tracking_uri=mlflow.tracking_uri, experiment_name=mlflow.experiment_name,
-                                  top_k=top_k, **mlflow.location())
+                                  top_k=top_k, **mlflow.location(), **link)
     search = _make_search(supernet, data, opts, run_dir, tracking if tracking is not None else False)
-    result = search.run(**_run_kwargs(search, opts))
+    try:
+        result = search.run(**_run_kwargs(search, opts))
+    except SearchError as err:
+        if "resume=" not in str(err):
+            raise
+        raise CLIError(f"{err}. On the command line: --search.resume new, --search.resume ignore_weights, or "
+                       "--search.study_name NAME") from err
     done = sum(t.state.name == "COMPLETE" for t in result.study.trials)
     reused = sum("reused_from" in t.user_attrs for t in result.study.trials)
     say(f"study {search.study_name!r} in {search.storage_spec}: {done} complete trials ({reused} reused an "

@@ -362,6 +362,34 @@ def test_a_search_killed_with_sigkill_resumes_to_its_total(fitted):
         proc.wait()
     before = sum(t.state.name == "COMPLETE" for t in optuna.load_study(study_name="cli", storage=storage).trials)
     assert 3 <= before < 8
+    from lightning_supernet.integrations.optuna import SubnetSearch
+
+    # until its heartbeat goes stale, a killed trial looks like one another worker is running (it counts)
+    time.sleep((getattr(SubnetSearch, "grace_period", None) or 0) + 2)
     assert main(["search", "--config", config, "--search.n_trials", "8"]) == 0
     trials = optuna.load_study(study_name="cli", storage=storage).trials
     assert sum(t.state.name == "COMPLETE" for t in trials) == 8
+
+
+def _searches_check_weights() -> bool:
+    import inspect
+
+    from lightning_supernet.integrations.optuna import SubnetSearch
+
+    return "resume" in inspect.signature(SubnetSearch).parameters
+
+
+@pytest.mark.skipif(not _searches_check_weights(), reason="needs studies tied to their weights (SubnetSearch(resume=))")
+def test_search_after_retraining_is_refused_then_starts_a_new_study(fitted, capsys):
+    """The stale-study scenario end to end: fit, search, fit again (other weights), search -> a clear refusal;
+    --search.resume new starts a fresh study measured on the new weights."""
+    config, run = fitted
+    assert main(["search", "--config", config, "--search.n_trials", "3"]) == 0
+    assert main(["fit", "--config", config, "--seed_everything", "1"]) == 0  # retrained: other weights
+    capsys.readouterr()
+    assert main(["search", "--config", config, "--search.n_trials", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "was measured on other supernet weights" in err and "--search.resume new" in err
+    assert main(["search", "--config", config, "--search.n_trials", "3", "--search.resume", "new"]) == 0
+    names = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{run}/search.db")]
+    assert len(names) == 2 and "cli" in names
