@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from lightning_supernet.cli import DEMO_CONFIG, _build, _load_weights, run_fit
+from lightning_supernet.cli_lightning import DEMO_CONFIG, SupernetCLI
+from lightning_supernet.cli_steps import load_supernet_weights
 from lightning_supernet.integrations.optuna import SubnetSearch
 
 
@@ -51,18 +52,17 @@ class TimedSearch(SubnetSearch):
 
 def supernet_and_data(args):
     cfg = json.loads(json.dumps(DEMO_CONFIG))
-    cfg["trainer"]["max_epochs"] = args.epochs
-    cfg["trainer"]["enable_progress_bar"] = False
-    cfg["trainer"]["enable_model_summary"] = False
+    cfg["trainer"].update(max_epochs=args.epochs, enable_progress_bar=False, enable_model_summary=False,
+                          logger=False, enable_checkpointing=False)
     cfg["mlflow"]["enabled"] = False
+    # the demo's model, data and trainer, built as the CLI builds them
+    cli = SupernetCLI(args=cfg, run=False, save_config_callback=None)
     if args.checkpoint and Path(args.checkpoint).exists():
-        supernet, data = _build(cfg)
-        _load_weights(supernet, args.checkpoint)
-        return supernet, data, f"loaded {args.checkpoint}"
-    cfg["checkpoint"] = None
+        load_supernet_weights(cli.model, args.checkpoint)
+        return cli.model, cli.datamodule, f"loaded {args.checkpoint}"
     t0 = time.perf_counter()
-    supernet, data = run_fit(cfg)
-    return supernet, data, f"trained {args.epochs} epochs in {time.perf_counter() - t0:.0f} s"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli.model, cli.datamodule, f"trained {args.epochs} epochs in {time.perf_counter() - t0:.0f} s"
 
 
 def bare_validation(search, configs, repeats=3):

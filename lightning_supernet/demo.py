@@ -21,12 +21,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from lightning_supernet.errors import MissingDependencyError
 from lightning_supernet.models import TinyViT
 
-__all__ = ["DigitsDataModule", "DigitsViT"]
+__all__ = ["DigitsDataModule", "DigitsViT", "EpochSampler", "one_cycle_factor"]
 
 
 def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,6 +43,34 @@ def _load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+class EpochSampler(RandomSampler):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``; Lightning calls ``set_epoch`` each epoch.
+
+    So a run resumed from a checkpoint taken at the end of an epoch sees the same batches as an uninterrupted one
+    (a plain ``DataLoader(shuffle=True, generator=g)`` continues ``g``'s stream, which a resume restarts). Under
+    DDP Lightning replaces it with a ``DistributedSampler``, which is seeded by epoch too.
+
+    Example:
+        >>> s = EpochSampler(range(5), seed=0)
+        >>> s.set_epoch(1); a = list(s); s.set_epoch(1)
+        >>> a == list(s) and sorted(a) == [0, 1, 2, 3, 4]
+        True
+    """
+
+    def __init__(self, data_source: Any, seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Any:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
 class DigitsDataModule(pl.LightningDataModule):
     """scikit-learn's digits as a LightningDataModule: a seeded train/val split, tensors held in memory.
 
@@ -51,6 +79,9 @@ class DigitsDataModule(pl.LightningDataModule):
         val_fraction: share of the 1797 images held out for validation (and test).
         seed: seed of the split and of the training loader's shuffling.
         num_workers: ``DataLoader`` workers (0 is fastest for this tiny data set).
+        stateful: serve training batches with ``torchdata``'s ``StatefulDataLoader``, whose position Lightning
+            saves in checkpoints, so a run resumed from a mid-epoch checkpoint continues where it stopped. Either
+            way the order is seeded per epoch (:class:`EpochSampler`), so later epochs match too.
 
     Raises:
         ValueError: ``val_fraction`` outside (0, 1) or ``batch_size`` < 1.
@@ -62,7 +93,8 @@ class DigitsDataModule(pl.LightningDataModule):
         449
     """
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0,
+                 stateful: bool = False) -> None:
         super().__init__()
         if not 0 < val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}")
@@ -73,6 +105,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.num_workers = num_workers
+        self.stateful = stateful
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
 
@@ -88,10 +121,18 @@ class DigitsDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(x[val], y[val])
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (seeded)."""
+        """Shuffled training batches, in an order seeded by (seed, epoch); see ``stateful``."""
         self.setup()
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        if self.stateful:
+            try:
+                from torchdata.stateful_dataloader import StatefulDataLoader
+            except ImportError as err:  # pragma: no cover - depends on the environment
+                raise MissingDependencyError("`stateful=True` needs torchdata's StatefulDataLoader. "
+                                             "HINT: pip install torchdata") from err
+            return StatefulDataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                                      sampler=EpochSampler(self.train_set, self.seed))
+        return DataLoader(self.train_set, batch_size=self.batch_size, num_workers=self.num_workers,
+                          sampler=EpochSampler(self.train_set, self.seed))
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in a fixed order."""
@@ -102,6 +143,35 @@ class DigitsDataModule(pl.LightningDataModule):
         """The validation split again (the demo has no separate test split)."""
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        """The validation split's images and labels (``DigitsViT.predict_step`` returns class indices)."""
+        return self.val_dataloader()
+
+
+def one_cycle_factor(step: int, total_steps: Any, warmup: float, div: float = 25.0, final_div: float = 1e4) -> float:
+    """The learning-rate factor of ``OneCycleLR`` (cosine, ``cycle_momentum=False``) at ``step``, as a function.
+
+    ``total_steps`` is a callable, called only from step 1 on: step 0 (evaluated when the scheduler is built,
+    inside ``configure_optimizers``) is ``1 / div`` whatever the length.
+
+    Example:
+        >>> round(one_cycle_factor(0, None, 0.15), 4), one_cycle_factor(14, lambda: 100, 0.15)
+        (0.04, 1.0)
+    """
+    if step == 0:
+        return 1.0 / div
+    total = total_steps()
+    if not math.isfinite(total) or total < 2:
+        return 1.0
+
+    def anneal(start: float, end: float, pct: float) -> float:
+        return end + (start - end) / 2.0 * (1 + math.cos(math.pi * min(1.0, pct)))
+
+    warm_end = float(warmup * total) - 1
+    if step <= warm_end:
+        return anneal(1.0 / div, 1.0, step / warm_end)
+    return anneal(1.0, 1.0 / (div * final_div), (step - warm_end) / (total - 1 - warm_end))
+
 
 class DigitsViT(pl.LightningModule):
     """A TinyViT classifier for 8x8 digits; logs ``train_loss``, ``val_loss`` and ``val_acc``.
@@ -109,10 +179,16 @@ class DigitsViT(pl.LightningModule):
     Args:
         dim: embedding width. depth: transformer blocks. num_heads: attention heads per block.
         mlp_ratio: MLP hidden width / ``dim``. patch_size: side of a patch (8 must be divisible by it).
-        lr: peak AdamW learning rate of the one-cycle schedule (warm-up then cosine decay, per step).
+        lr: peak AdamW learning rate of the one-cycle schedule (warm-up then cosine decay, per step;
+            :func:`one_cycle_factor`: OneCycleLR's learning rates, without its momentum cycling).
         weight_decay: AdamW weight decay. warmup: share of the steps spent warming up.
 
     Note:
+        The schedule's length is read from ``trainer.estimated_stepping_batches`` when the scheduler first steps, not
+        in ``configure_optimizers``: asking for it there loads the training loader before Lightning restores the
+        loader's position from a checkpoint, which makes a resumed run differ from an uninterrupted one.
+        The schedule itself holds no state (a ``LambdaLR`` of the step), so a resume continues it exactly.
+
         A subnet extracted from a supernet of this module is a ``DigitsViT`` whose tensors are smaller; its
         ``hparams`` still describe the full model.
 
@@ -154,12 +230,19 @@ class DigitsViT(pl.LightningModule):
         self.log("test_acc", (logits.argmax(-1) == y).float().mean(), batch_size=len(y))
         return F.cross_entropy(logits, y)
 
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        return self(x).argmax(-1)
+
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
-        if not math.isfinite(total) or total < 1:
+        if self._trainer is None:
             return opt
-        # small ViTs learn slowly from a cold start: a short warm-up, then cosine decay
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=int(total),
-                                                    pct_start=self.hparams.warmup)
+        warmup = self.hparams.warmup
+
+        def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict stores nothing for it
+            return one_cycle_factor(step, lambda: self.trainer.estimated_stepping_batches, warmup)
+
+        # small ViTs learn slowly from a cold start: OneCycleLR's warm-up then cosine decay, as a LambdaLR
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArgumentError",
+    "CheckpointError",
     "ConfigMismatchError",
     "DiscoveryError",
     "InvalidArgumentError",
@@ -130,5 +131,16 @@ class InvalidArgumentError(SupernetError, ValueError):
 
     Example:
         >>> issubclass(InvalidArgumentError, ValueError)
+        True
+    """
+
+
+class CheckpointError(SupernetError, ValueError):
+    """A weights or checkpoint file cannot be written, or cannot be loaded (missing, truncated, corrupted, wrong kind).
+
+    The message names the file and what was expected in it.
+
+    Example:
+        >>> issubclass(CheckpointError, ValueError)
         True
     """

@@ -35,6 +35,7 @@ from lightning_supernet.ops import registered_ops
 from lightning_supernet.errors import ArgumentError, DiscoveryError, InvalidArgumentError, SearchSpaceError, UnsupportedModelError
 from lightning_supernet.elastic.registry import is_elastic
 from lightning_supernet.extract import extract_model
+from lightning_supernet.integrations.transformers import install as install_hf_finalizer
 from lightning_supernet.ir.checks import check_discovery
 from lightning_supernet.ir.discover import Discovery, discover
 from lightning_supernet.ir.graph import ModuleGraph, trace
@@ -44,6 +45,8 @@ from lightning_supernet.training import StepLoopMixin, capture_outputs
 from lightning_supernet.verify import verify_supernet
 
 __all__ = ["SupernetModule"]
+
+install_hf_finalizer()  # Hugging Face extract finaliser (cheap: transformers is imported only if a model uses it)
 
 
 

@@ -182,11 +182,14 @@ def write_subnet(model: nn.Module, path: str | os.PathLike, builder: Mapping[str
     """
     from safetensors.torch import save_model
 
+    from lightning_supernet.files import atomic_path, atomic_write
+
     os.makedirs(path, exist_ok=True)
     doc = {"format": FORMAT, "version": 1, "builder": dict(builder), **layout}
-    with open(os.path.join(path, LAYOUT_FILE), "w") as f:
+    with atomic_path(os.path.join(path, WEIGHTS_FILE)) as tmp:  # weights first: a layout always has its weights
+        save_model(model, tmp)
+    with atomic_write(os.path.join(path, LAYOUT_FILE), "w") as f:
         json.dump(doc, f, indent=1, sort_keys=True)
-    save_model(model, os.path.join(path, WEIGHTS_FILE))
 
 
 def read_layout(path: str | os.PathLike) -> dict[str, Any]:
@@ -204,8 +207,15 @@ def read_layout(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(file):
         raise SubnetFormatError(f"`path` {str(path)!r} holds no {LAYOUT_FILE}; allowed: a directory written by "
                                 "`save_subnet` (a `save_pretrained` directory loads with `from_pretrained`)")
-    with open(file) as f:
-        doc = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SubnetFormatError(f"{file} cannot be read ({type(err).__name__}: {err}); expected the JSON layout "
+                                "written by `save_subnet` (the file is truncated or corrupted)") from err
+    if not isinstance(doc, dict) or not isinstance(doc.get("builder", {}), dict):
+        raise SubnetFormatError(f"{file} holds a {type(doc).__name__} without a `builder` mapping; expected the JSON "
+                                "layout written by `save_subnet`")
     if doc.get("format") != FORMAT:
         raise SubnetFormatError(f"{file} has format {doc.get('format')!r}; expected {FORMAT!r}")
     return doc
@@ -220,10 +230,17 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         >>> isinstance(load_weights(nn.Linear(2, 2), d), nn.Linear)
         True
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
 
+    file = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(file):
+        raise SubnetFormatError(f"{file} does not exist; expected the weights written by `save_subnet`")
     try:
-        load_model(model, os.path.join(path, WEIGHTS_FILE), strict=True)
+        load_model(model, file, strict=True)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SubnetFormatError(f"{file} cannot be read ({type(err).__name__}: {err}); expected the safetensors "
+                                "weights written by `save_subnet` (the file is truncated or corrupted)") from err
     except RuntimeError as err:
         raise SubnetFormatError(
             f"the weights in {path} do not fit the rebuilt `{type(model).__name__}`: {err}") from err

@@ -390,9 +390,13 @@ def _class_path(cls: type) -> str:
 
 def _import_class(path: str) -> type:
     module, _, qualname = path.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise SubnetFormatError(f"the model class {path!r} in subnet.json cannot be imported ({err}); expected an "
+                                "importable 'module:Class'") from err
     return obj
 
 
@@ -455,7 +459,8 @@ def load_subnet(path: str | os.PathLike, *, dtype: torch.dtype | None = None) ->
         dtype: cast the loaded model to this dtype.
 
     Raises:
-        SubnetFormatError: ``path`` holds no subnet, or the weights do not fit the layout.
+        SubnetFormatError: ``path`` holds no subnet; ``subnet.json``, ``config.json`` or ``subnet.safetensors`` is
+            missing, truncated or corrupted; or the weights do not fit the layout.
 
     Example:
         >>> load_subnet("/does/not/exist")  # doctest: +IGNORE_EXCEPTION_DETAIL
@@ -463,13 +468,20 @@ def load_subnet(path: str | os.PathLike, *, dtype: torch.dtype | None = None) ->
         SubnetFormatError: `path` '/does/not/exist' holds no subnet.json ...
     """
     doc = read_layout(path)
-    builder = doc["builder"]
-    if builder.get("kind") != "transformers":
+    builder = doc.get("builder", {})
+    if builder.get("kind") != "transformers" or not isinstance(builder.get("class"), str):
         raise SubnetFormatError(f"{path} holds a {builder.get('kind')!r} subnet, not a transformers one; load it "
                                 "with that integration's loader")
     _transformers()
     cls = _import_class(builder["class"])
-    config = cls.config_class.from_pretrained(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):  # from_pretrained would fall back to a default config (bert-base...)
+        raise SubnetFormatError(f"{config_file} does not exist; expected the model config written by `save_subnet`")
+    try:
+        config = cls.config_class.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise SubnetFormatError(f"{config_file} cannot be read ({type(err).__name__}: {err}); expected the model "
+                                "config written by `save_subnet` (the file is truncated or corrupted)") from err
     with _no_init_weights():
         model = cls(config)
     apply_layout(model, doc)
