@@ -26,6 +26,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_supernet import cost as _cost
@@ -35,6 +36,7 @@ from lightning_supernet.ops import registered_ops
 from lightning_supernet.errors import ArgumentError, DiscoveryError, InvalidArgumentError, SearchSpaceError, UnsupportedModelError
 from lightning_supernet.elastic.registry import is_elastic
 from lightning_supernet.extract import extract_model
+from lightning_supernet.hooks import forward_hooks
 from lightning_supernet.ir.checks import check_discovery
 from lightning_supernet.ir.discover import Discovery, discover
 from lightning_supernet.ir.graph import ModuleGraph, trace
@@ -46,7 +48,7 @@ from lightning_supernet.verify import verify_supernet
 __all__ = ["SupernetModule"]
 
 
-
+@forward_hooks
 class SupernetModule(StepLoopMixin, pl.LightningModule):
     """A weight-sharing supernet around an unchanged model.
 
@@ -344,9 +346,7 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         return extract_model(self, self.search_space.validate(cfg if cfg is not None else self._active))
 
     def _example_on_device(self) -> Any:
-        from lightning_supernet.cost import _to
-
-        return _to(self.example_input_array, self.device)
+        return move_data_to_device(self.example_input_array, self.device)
 
     # -- forward and checkpoints ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -467,19 +467,3 @@ def _uncalled(model: nn.Module, graph: ModuleGraph) -> list[str]:
         if params and not any(id(t) in graph.used_params for t in params):
             out.append(path)
     return out
-
-
-for _hook in ("on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "on_train_epoch_start",
-              "on_validation_start", "on_validation_end", "on_validation_epoch_end", "on_test_epoch_end",
-              "on_predict_epoch_end", "on_train_batch_start", "on_train_batch_end"):
-
-    def _delegate(self, *args, _name=_hook, **kwargs):
-        if self._inner_lm is not None:
-            return self._inner(_name, *args, **kwargs)
-        return None
-
-    _delegate.__name__ = _hook
-    _delegate.__doc__ = f"Calls the wrapped LightningModule's ``{_hook}``."
-    setattr(SupernetModule, _hook, _delegate)
-
-

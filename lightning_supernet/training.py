@@ -114,11 +114,15 @@ class StepLoopMixin:
                 teacher = fork.share_teacher(None, owner)
         elif shared:
             teacher = self._remote_teacher(plan, mine, batch, batch_idx)
+        # under fork-join only one rank of a data group trains plan item 0, whose `self.log` calls are the user's:
+        # record them and replay them on every rank after the loop, so all ranks enter the same collectives
+        recorded: list[Any] | None = [] if fork is not None else None
         total, losses = 0.0, {}
         for pos, i in enumerate(mine):
             item = plan[i]
             sync = fork is None and boundary and pos == len(mine) - 1
-            with self._using(item.config), self._capture() as captured, self._log_as(item.name, i == 0, "train"):
+            with self._using(item.config), self._capture() as captured, \
+                    self._log_as(item.name, i == 0, "train", recorded):
                 task = self._task_loss(batch, batch_idx)
                 loss = task * item.task_weight if item.task_weight else task.new_zeros(())
                 if item.teacher or (item.distill_weight and teacher is not None):
@@ -138,20 +142,31 @@ class StepLoopMixin:
                     self.manual_backward(loss / self.accumulate_grad_batches)
             losses.setdefault(item.name, []).append(loss.detach())
             total = total + loss.detach()
-        # a one-subnet plan is plain training (the user's own logs say it all); self.log costs ~1 ms a call, so
-        # the per-subnet losses are logged at the Trainer's logging interval only
-        every = max(getattr(self.trainer, "log_every_n_steps", 1), 1)
-        if len(plan) > 1 and self.trainer.global_step % every == 0:
+        if fork is not None:
+            recorded, losses = fork.gather_logs(recorded, losses)
+            for key, value, args, kwargs in recorded:
+                self.log(key, value, *args, **kwargs)
+        # a one-subnet plan is plain training (the user's own logs say it all); Lightning decides when to write
+        if len(plan) > 1:
             for name, values in losses.items():
-                self.log(f"train/loss/{name}", torch.stack(values).mean(), batch_size=_batch_size(batch))
+                self.log(f"train/loss/{name}", torch.stack([torch.as_tensor(v) for v in values]).mean(),
+                         batch_size=_batch_size(batch))
         if boundary:
             if fork is not None:
                 fork.join(self.model)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            self._optimizer_steps(optimizers, batch_idx)
             self._step_schedulers("step")
         return total if isinstance(total, torch.Tensor) else torch.zeros(())
+
+    def _optimizer_steps(self, optimizers: list[Any], batch_idx: int) -> None:
+        """Step and zero each optimizer through Lightning's hooks, as automatic optimisation would."""
+        trainer = self.trainer
+        for opt in optimizers:
+            self.optimizer_step(trainer.current_epoch, batch_idx, opt, None)
+            for cb in trainer.callbacks:
+                cb.on_before_zero_grad(trainer, self, opt)
+            self.on_before_zero_grad(opt)
+            self.optimizer_zero_grad(trainer.current_epoch, batch_idx, opt)
 
     def _fork_join(self) -> Any:
         from lightning_supernet.strategies.fork_join import ForkJoinDDPStrategy
@@ -201,11 +216,55 @@ class StepLoopMixin:
                         zero = zero + p.reshape(-1)[:1].sum() * 0.0
         return zero
 
+    # -- the Trainer's clipping and accumulation flags ---------------------------------------------------------
+    def configure_callbacks(self) -> Any:
+        """Take the Trainer's ``gradient_clip_val`` / ``accumulate_grad_batches`` (Lightning refuses them under
+        the manual optimisation the multi-subnet step needs, and this hook runs just before it checks); then the
+        wrapped module's ``configure_callbacks``."""
+        trainer = self.trainer
+        taken = {"gradient_clip_val": trainer.gradient_clip_val, "accumulate_grad_batches":
+                 trainer.accumulate_grad_batches, "gradient_clip_algorithm": trainer.gradient_clip_algorithm}
+        mine = {"gradient_clip_val": self.gradient_clip_val, "accumulate_grad_batches": self.accumulate_grad_batches,
+                "gradient_clip_algorithm": self.gradient_clip_algorithm}
+        default = {"gradient_clip_val": None, "accumulate_grad_batches": 1, "gradient_clip_algorithm": "norm"}
+        for key in ("gradient_clip_val", "accumulate_grad_batches"):
+            if taken[key] in (None, default[key]) or (key == "gradient_clip_val" and not taken[key]) \
+                    or taken[key] == mine[key]:
+                continue
+            if mine[key] != default[key]:
+                raise InvalidArgumentError(
+                    f"`Trainer({key}={taken[key]!r})` and `SupernetModule({key}={mine[key]!r})` disagree: set it "
+                    "in one place"
+                )
+            setattr(self, key, taken[key])
+            if key == "gradient_clip_val" and taken["gradient_clip_algorithm"] is not None:
+                self.gradient_clip_algorithm = str(getattr(taken["gradient_clip_algorithm"], "value",
+                                                           taken["gradient_clip_algorithm"]))
+        if taken["gradient_clip_val"] not in (None, 0) or taken["accumulate_grad_batches"] != 1:
+            self._taken_from_trainer = (taken, mine)
+            trainer.gradient_clip_val, trainer.gradient_clip_algorithm = None, None
+            trainer.accumulate_grad_batches = 1
+        if self._inner_lm is not None:
+            return self._inner("configure_callbacks")
+        return []
+
+    def teardown(self, stage: str) -> None:
+        """Give the Trainer back its clipping/accumulation flags; then the wrapped module's ``teardown``."""
+        taken = self.__dict__.pop("_taken_from_trainer", None)
+        if taken is not None:
+            trainer_flags, mine = taken
+            for key, value in trainer_flags.items():
+                setattr(self.trainer, key, value)
+            for key, value in mine.items():
+                setattr(self, key, value)
+        if self._inner_lm is not None:
+            self._inner("teardown", stage)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip here (after AMP unscaling), then call the wrapped module's hook."""
         if self.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
-                                gradient_clip_algorithm=self.gradient_clip_algorithm)
+            self.configure_gradient_clipping(optimizer, gradient_clip_val=self.gradient_clip_val,
+                                             gradient_clip_algorithm=self.gradient_clip_algorithm)
         if self._inner_lm is not None:
             self._inner("on_before_optimizer_step", optimizer)
 
@@ -224,15 +283,15 @@ class StepLoopMixin:
                         raise InvalidArgumentError(f"ReduceLROnPlateau monitors `{config.monitor}`, which was not logged; "
                                          f"logged metrics: {sorted(trainer.callback_metrics)}")
                     continue
-                config.scheduler.step(value)
+                self.lr_scheduler_step(config.scheduler, value)
             else:
-                config.scheduler.step()
+                self.lr_scheduler_step(config.scheduler, None)
 
     def on_train_epoch_end(self) -> None:
         if self._inner_lm is not None:
             self._inner("on_train_epoch_end")
         # like Lightning's automatic optimisation: epoch schedulers step only after a complete epoch
-        if getattr(self, "_batches_this_epoch", 0) >= self.trainer.num_training_batches:
+        if self._trainer is not None and getattr(self, "_batches_this_epoch", 0) >= self.trainer.num_training_batches:
             self._step_schedulers("epoch")
 
     # -- validation of several subnets ------------------------------------------------------------------------
@@ -277,7 +336,10 @@ class StepLoopMixin:
         if self._inner_lm is not None:
             self._inner("on_validation_epoch_start")
 
-    on_test_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        self._metric_copies = {}
+        if self._inner_lm is not None:
+            self._inner("on_test_epoch_start")
 
     @contextlib.contextmanager
     def _eval_hooks(self, name: str, cfg: SubnetConfig) -> Iterator[None]:
@@ -299,7 +361,9 @@ class StepLoopMixin:
             yield
             return
         slots = [(path, m) for path, m in self.model.named_modules() if isinstance(m, Metric) and path]
-        copies = self._metric_copies.setdefault(name, {p: copy.deepcopy(m) for p, m in slots})
+        if name not in self._metric_copies:  # one copy per subnet and epoch, made on its first batch
+            self._metric_copies[name] = {p: copy.deepcopy(m) for p, m in slots}
+        copies = self._metric_copies[name]
         for path, _ in slots:
             _set_module(self.model, path, copies[path])
         try:
@@ -309,9 +373,10 @@ class StepLoopMixin:
                 _set_module(self.model, path, original)
 
     @contextlib.contextmanager
-    def _log_as(self, name: str, plain: bool, stage: str) -> Iterator[None]:
+    def _log_as(self, name: str, plain: bool, stage: str, record: list[Any] | None = None) -> Iterator[None]:
         """Route the wrapped module's ``self.log`` calls: the first subnet keeps the user's names (and also
-        logs ``<stage>/<metric>/<name>``); the others log ``<stage>/<metric>/<name>`` only."""
+        logs ``<stage>/<metric>/<name>``); the others log ``<stage>/<metric>/<name>`` only. With ``record`` (a
+        list), the first subnet's tensor logs are appended to it as ``(key, value, args, kwargs)`` instead."""
         inner = self._inner_lm
         if inner is None or name == "active":
             yield
@@ -325,7 +390,9 @@ class StepLoopMixin:
             def log(key: str, value: Any, *args: Any, **kwargs: Any) -> None:
                 if isinstance(value, Metric):  # a per-subnet copy: not an attribute Lightning can find
                     kwargs.setdefault("metric_attribute", f"{key}@{name}")
-                if plain:
+                if plain and record is not None and not isinstance(value, Metric):
+                    record.append((key, torch.as_tensor(value).detach(), args, kwargs))
+                elif plain:
                     original(key, value, *args, **kwargs)
                 if stage != "train":
                     original(_subnet_key(key, stage, name), value, *args, **kwargs)
