@@ -316,7 +316,7 @@ class StepLoopMixin:
         result = None
         for i, (name, cfg) in enumerate(configs.items()):
             with self._using(cfg), self._log_as(name, i == 0, "val" if hook == "validation_step" else "test"), \
-                    self._metrics_of(name), self._eval_hooks(name, cfg):
+                    self._metrics_of(name, i == 0), self._eval_hooks(name, cfg):
                 if self._inner_lm is not None:
                     out = self._inner(hook, batch, batch_idx, *args)
                 else:
@@ -353,16 +353,20 @@ class StepLoopMixin:
                 cb.supernet_eval_exit(self, name, cfg)
 
     @contextlib.contextmanager
-    def _metrics_of(self, name: str) -> Iterator[None]:
-        """Give each validated subnet its own copies of the wrapped module's torchmetrics objects."""
+    def _metrics_of(self, name: str, plain: bool = False) -> Iterator[None]:
+        """Give each validated subnet but the first its own copies of the wrapped module's torchmetrics objects.
+
+        The first subnet logs under the user's own names with the user's own metric objects, exactly as a pinned
+        validation (``with supernet.subnet(cfg)``) does, so the Trainer sees the same logging arguments either way.
+        """
         from torchmetrics import Metric
 
-        if name == "active" or self._inner_lm is None:
+        if name == "active" or plain or self._inner_lm is None:
             yield
             return
         slots = [(path, m) for path, m in self.model.named_modules() if isinstance(m, Metric) and path]
         if name not in self._metric_copies:  # one copy per subnet and epoch, made on its first batch
-            self._metric_copies[name] = {p: copy.deepcopy(m) for p, m in slots}
+            self._metric_copies[name] = {p: _fresh_copy(m) for p, m in slots}
         copies = self._metric_copies[name]
         for path, _ in slots:
             _set_module(self.model, path, copies[path])
@@ -388,7 +392,7 @@ class StepLoopMixin:
             from torchmetrics import Metric
 
             def log(key: str, value: Any, *args: Any, **kwargs: Any) -> None:
-                if isinstance(value, Metric):  # a per-subnet copy: not an attribute Lightning can find
+                if isinstance(value, Metric) and not plain:  # a copy: not an attribute Lightning can find
                     kwargs.setdefault("metric_attribute", f"{key}@{name}")
                 if plain and record is not None and not isinstance(value, Metric):
                     record.append((key, torch.as_tensor(value).detach(), args, kwargs))
@@ -410,6 +414,13 @@ def _subnet_key(key: str, stage: str, name: str) -> str:
             key = key[len(prefix):]
             break
     return f"{stage}/{key}/{name}"
+
+
+def _fresh_copy(metric: Any) -> Any:
+    """A deep copy of a torchmetrics object with its state reset (the original may hold this epoch's updates)."""
+    fresh = copy.deepcopy(metric)
+    fresh.reset()
+    return fresh
 
 
 def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:

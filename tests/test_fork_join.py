@@ -121,3 +121,51 @@ def test_errors(tmp_path):
 def test_registered_by_name():
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="fork_join_ddp", logger=False)
     assert isinstance(trainer.strategy, ForkJoinDDPStrategy)
+
+
+class SyncLogging(Lit):
+    """The user's training_step logs with ``sync_dist=True`` (a collective on every rank, every step)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("user_loss", loss, sync_dist=True)
+        return loss
+
+
+class Logged(pl.Callback):
+    """Saves what each rank's Trainer holds as logged metrics after every step."""
+
+    def __init__(self, path):
+        self.path, self.rows = path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append({k: float(v) for k, v in trainer.logged_metrics.items()})
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(self.rows, self.path / f"logs{trainer.global_rank}.pt")
+
+
+def test_sync_dist_logging_and_per_subnet_losses_under_fork_join(tmp_path):
+    """Every rank enters the same collectives (a deadlock would hit the 60 s timeout), and the losses of the
+    subnets trained on the other rank reach rank 0's logger."""
+    from datetime import timedelta
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    sn = SupernetModule(SyncLogging(lr=0.05, depth=3), eval_subnets=None)
+    strategy = ForkJoinDDPStrategy(subnet_parallel=2, start_method="spawn", process_group_backend="gloo",
+                                   timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy=strategy, log_every_n_steps=1,
+                         logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[SandwichSampling(num_random=1, seed=1), Logged(tmp_path)])
+    trainer.fit(sn, DataLoader(_data(48), batch_size=8))
+    rows0, rows1 = (torch.load(tmp_path / f"logs{r}.pt") for r in (0, 1))
+    assert len(rows0) == len(rows1) == 3
+    for r0, r1 in zip(rows0, rows1):
+        assert {"user_loss", "train/loss/largest", "train/loss/random", "train/loss/smallest"} <= r0.keys()
+        assert r0 == r1  # one data group: both ranks log the same numbers
+        # the user's loss is the largest subnet's task loss (task weight 1, no distillation)
+        assert r0["user_loss"] == pytest.approx(r0["train/loss/largest"], rel=1e-5)

@@ -245,3 +245,60 @@ def test_plain_module_validation_logs_every_subnet():
     for name, cfg in sn.eval_configs().items():
         assert trainer.callback_metrics[f"val/acc/{name}"].item() == pytest.approx(_accuracy(sn, cfg, *data.tensors))
     assert trainer.callback_metrics["val_acc"].item() == pytest.approx(trainer.callback_metrics["val/acc/largest"].item())
+
+
+def test_per_subnet_losses_reach_the_logger_at_lightnings_cadence(tmp_path):
+    """A 66-step run with the default ``log_every_n_steps`` (50): Lightning writes its rows at step 49, and the
+    per-subnet losses are in them."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    sn = SupernetModule(Lit(lr=0.05), eval_subnets=None)
+    trainer = _trainer(max_steps=66, logger=CSVLogger(tmp_path), callbacks=[SandwichSampling(num_random=0)])
+    trainer.fit(sn, DataLoader(_data(66 * 2), batch_size=2))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    rows = [r for r in rows if r.get("train/loss/largest")]
+    assert [int(r["step"]) for r in rows] == [49]
+    assert rows[0]["train/loss/smallest"] and rows[0]["train_loss"]
+    assert float(rows[0]["train_loss"]) == pytest.approx(float(rows[0]["train/loss/largest"]), rel=1e-5)
+
+
+class WithMetric(Lit):
+    """Logs a torchmetrics object from validation_step (the standard idiom)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        import torchmetrics
+
+        self.acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.acc(self(x), y)
+        self.log("val_acc", self.acc)
+
+
+def test_metric_copies_one_per_subnet_and_repeated_pinned_validation(monkeypatch):
+    import copy as copy_module
+
+    from lightning_supernet import training
+
+    torch.manual_seed(6)
+    sn = SupernetModule(WithMetric(), eval_subnets=("largest", "smallest"))
+    data = _data(32)
+    copies = []
+    real = copy_module.deepcopy
+    monkeypatch.setattr(training.copy, "deepcopy", lambda obj, *a: copies.append(type(obj).__name__) or real(obj, *a))
+    trainer = _trainer()
+    trainer.validate(sn, DataLoader(data, batch_size=4), verbose=False)  # 8 batches, 2 subnets
+    assert copies.count("MulticlassAccuracy") == 1  # one per subnet after the first, not one per batch
+    x, y = data.tensors
+    for name, cfg in sn.eval_configs().items():
+        assert trainer.callback_metrics[f"val/acc/{name}"].item() == pytest.approx(_accuracy(sn, cfg, x, y))
+    cfg = sn.search_space.sample(3)
+    with sn.subnet(cfg):
+        for _ in range(2):  # a second validate on the same Trainer inside the pinned subnet
+            trainer.validate(sn, DataLoader(data, batch_size=4), verbose=False)
+            assert trainer.callback_metrics["val_acc"].item() == pytest.approx(_accuracy(sn, cfg, x, y))
