@@ -36,7 +36,7 @@ EXTRA_HOOKS = ("configure_callbacks", "lr_scheduler_step", "optimizer_step", "op
 #: hooks ``SupernetModule`` implements itself; each also calls the wrapped module's hook.
 CHAINED_HOOKS = ("on_before_optimizer_step", "on_train_epoch_end", "on_validation_epoch_start",
                  "on_test_epoch_start", "on_save_checkpoint", "on_load_checkpoint", "configure_callbacks",
-                 "teardown")
+                 "teardown", "on_fit_start", "on_validation_start", "on_test_start", "on_predict_start")
 
 
 def lightning_hook_names() -> list[str]:

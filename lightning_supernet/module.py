@@ -38,6 +38,7 @@ from lightning_supernet.elastic.registry import is_elastic
 from lightning_supernet.extract import extract_model
 from lightning_supernet.hooks import forward_hooks
 from lightning_supernet.ir.checks import check_discovery
+from lightning_supernet.lifecycle import LifecycleMixin
 from lightning_supernet.ir.discover import Discovery, discover
 from lightning_supernet.ir.graph import ModuleGraph, trace
 from lightning_supernet.space import SpaceOptions, SubnetConfig
@@ -49,7 +50,7 @@ __all__ = ["SupernetModule"]
 
 
 @forward_hooks
-class SupernetModule(StepLoopMixin, pl.LightningModule):
+class SupernetModule(StepLoopMixin, LifecycleMixin, pl.LightningModule):
     """A weight-sharing supernet around an unchanged model.
 
     Args:

@@ -216,50 +216,6 @@ class StepLoopMixin:
                         zero = zero + p.reshape(-1)[:1].sum() * 0.0
         return zero
 
-    # -- the Trainer's clipping and accumulation flags ---------------------------------------------------------
-    def configure_callbacks(self) -> Any:
-        """Take the Trainer's ``gradient_clip_val`` / ``accumulate_grad_batches`` (Lightning refuses them under
-        the manual optimisation the multi-subnet step needs, and this hook runs just before it checks); then the
-        wrapped module's ``configure_callbacks``."""
-        trainer = self.trainer
-        taken = {"gradient_clip_val": trainer.gradient_clip_val, "accumulate_grad_batches":
-                 trainer.accumulate_grad_batches, "gradient_clip_algorithm": trainer.gradient_clip_algorithm}
-        mine = {"gradient_clip_val": self.gradient_clip_val, "accumulate_grad_batches": self.accumulate_grad_batches,
-                "gradient_clip_algorithm": self.gradient_clip_algorithm}
-        default = {"gradient_clip_val": None, "accumulate_grad_batches": 1, "gradient_clip_algorithm": "norm"}
-        for key in ("gradient_clip_val", "accumulate_grad_batches"):
-            if taken[key] in (None, default[key]) or (key == "gradient_clip_val" and not taken[key]) \
-                    or taken[key] == mine[key]:
-                continue
-            if mine[key] != default[key]:
-                raise InvalidArgumentError(
-                    f"`Trainer({key}={taken[key]!r})` and `SupernetModule({key}={mine[key]!r})` disagree: set it "
-                    "in one place"
-                )
-            setattr(self, key, taken[key])
-            if key == "gradient_clip_val" and taken["gradient_clip_algorithm"] is not None:
-                self.gradient_clip_algorithm = str(getattr(taken["gradient_clip_algorithm"], "value",
-                                                           taken["gradient_clip_algorithm"]))
-        if taken["gradient_clip_val"] not in (None, 0) or taken["accumulate_grad_batches"] != 1:
-            self._taken_from_trainer = (taken, mine)
-            trainer.gradient_clip_val, trainer.gradient_clip_algorithm = None, None
-            trainer.accumulate_grad_batches = 1
-        if self._inner_lm is not None:
-            return self._inner("configure_callbacks")
-        return []
-
-    def teardown(self, stage: str) -> None:
-        """Give the Trainer back its clipping/accumulation flags; then the wrapped module's ``teardown``."""
-        taken = self.__dict__.pop("_taken_from_trainer", None)
-        if taken is not None:
-            trainer_flags, mine = taken
-            for key, value in trainer_flags.items():
-                setattr(self.trainer, key, value)
-            for key, value in mine.items():
-                setattr(self, key, value)
-        if self._inner_lm is not None:
-            self._inner("teardown", stage)
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip here (after AMP unscaling), then call the wrapped module's hook."""
         if self.gradient_clip_val:
