@@ -31,6 +31,7 @@ from torch import nn
 
 from lightning_supernet import cost as _cost
 from lightning_supernet.build import build_space, candidate_dims, make_appliers
+from lightning_supernet.checkpointing import build_model, resolve, supernet_hparams
 from lightning_supernet.elastic import mixin_for
 from lightning_supernet.ops import registered_ops
 from lightning_supernet.errors import ArgumentError, DiscoveryError, InvalidArgumentError, SearchSpaceError, UnsupportedModelError
@@ -55,7 +56,8 @@ class SupernetModule(StepLoopMixin, LifecycleMixin, pl.LightningModule):
 
     Args:
         model: a ``LightningModule`` (its hooks are used as they are) or a plain ``nn.Module`` (then give
-            ``loss_fn``).
+            ``loss_fn``), or ``{"class_path": ..., "init_args": {...}}`` to build one (what checkpoints store: see
+            :mod:`lightning_supernet.checkpointing` for what ``load_from_checkpoint`` needs).
         loss_fn: ``loss_fn(output, target)`` for a plain ``nn.Module`` whose batches are ``(input, target)``.
         example_input: input for the discovery trace; defaults to ``model.example_input_array``.
         space: restrict or override the search space: a dict of :class:`~lightning_supernet.space.SpaceOptions`
@@ -84,7 +86,8 @@ class SupernetModule(StepLoopMixin, LifecycleMixin, pl.LightningModule):
         ['depth', 'width']
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None = None, *,
+    def __init__(self, model: nn.Module | Mapping[str, Any] | None,
+                 loss_fn: Callable[..., torch.Tensor] | str | None = None, *,
                  example_input: Any = None, space: SpaceOptions | Mapping[str, Any] | None = None,
                  output_transform: Callable[[Any], torch.Tensor] | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -103,6 +106,15 @@ class SupernetModule(StepLoopMixin, LifecycleMixin, pl.LightningModule):
         self.accumulate_grad_batches = accumulate_grad_batches
         self._pinned = 0
         self._metric_copies: dict[str, Any] = {}
+        if model is None:
+            raise ArgumentError("`model` is required. A checkpoint of a supernet around a model whose constructor "
+                                "arguments are unknown (a plain nn.Module) does not store how to build it: use "
+                                "`SupernetModule.load_from_checkpoint(path, model=MyNet(...))`")
+        given = model
+        if isinstance(model, Mapping):
+            model = build_model(model)
+        loss_fn, output_transform = resolve(loss_fn, "loss_fn"), resolve(output_transform, "output_transform")
+        optimizer = resolve(optimizer, "optimizer")
         if not isinstance(model, nn.Module):
             raise ArgumentError(f"`model` must be a LightningModule or nn.Module, got {type(model).__name__}")
         if isinstance(model, SupernetModule):
@@ -130,6 +142,9 @@ class SupernetModule(StepLoopMixin, LifecycleMixin, pl.LightningModule):
             )
         self.example_input_array = example
         self.space_options = SpaceOptions.from_any(space)
+        self.save_hyperparameters(supernet_hparams(
+            given, loss_fn, example_input, self.space_options, output_transform, optimizer, eval_subnets,
+            gradient_clip_val, gradient_clip_algorithm, accumulate_grad_batches), logger=False)
         if isinstance(model, pl.LightningModule) and not model.automatic_optimization:
             raise ArgumentError(f"`{type(model).__name__}` uses manual optimisation; SupernetModule runs backward and the "
                             "optimizer itself (one step per multi-subnet plan): wrap a module with automatic "
