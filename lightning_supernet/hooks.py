@@ -54,6 +54,8 @@ def _forwarder(name: str) -> property:
     base = getattr(pl.LightningModule, name)
 
     def get(self: Any) -> Callable[..., Any]:
+        if name in self.__dict__:  # set on the instance (e.g. ``mock.patch.object``): that wins
+            return self.__dict__[name]
         inner = self._inner_lm
         if inner is not None and is_overridden(name, inner):
 
@@ -64,7 +66,14 @@ def _forwarder(name: str) -> property:
             return forward
         return base.__get__(self)
 
-    return property(get, doc=f"The wrapped LightningModule's ``{name}`` when it overrides it, else Lightning's.")
+    def set_(self: Any, value: Any) -> None:
+        self.__dict__[name] = value
+
+    def del_(self: Any) -> None:
+        self.__dict__.pop(name, None)
+
+    return property(get, set_, del_,
+                    doc=f"The wrapped LightningModule's ``{name}`` when it overrides it, else Lightning's.")
 
 
 def forward_hooks(cls: type) -> type:

@@ -189,3 +189,13 @@ def test_fit_uses_the_users_hooks_and_dataloaders():
     assert c["on_validation_batch_start"] == c["on_validation_batch_end"] == 2
     assert "grad_seen" in trainer.callback_metrics and "val/loss/smallest" in trainer.callback_metrics
     assert any(not torch.equal(before[k], v) for k, v in sn.state_dict().items())
+
+
+def test_a_hook_set_on_the_instance_wins_and_can_be_removed():
+    from unittest import mock
+
+    sn = SupernetModule(Base(), eval_subnets=None)
+    with mock.patch.object(sn, "on_after_backward") as patched:
+        sn.on_after_backward()
+        patched.assert_called_once()
+    assert not is_overridden("on_after_backward", sn)
