@@ -26,17 +26,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_supernet import cost as _cost
 from lightning_supernet.build import build_space, candidate_dims, make_appliers
+from lightning_supernet.checkpointing import build_model, resolve, supernet_hparams
 from lightning_supernet.elastic import mixin_for
 from lightning_supernet.ops import registered_ops
 from lightning_supernet.errors import ArgumentError, DiscoveryError, InvalidArgumentError, SearchSpaceError, UnsupportedModelError
 from lightning_supernet.elastic.registry import is_elastic
 from lightning_supernet.extract import extract_model
+from lightning_supernet.hooks import forward_hooks
 from lightning_supernet.integrations.transformers import install as install_hf_finalizer
 from lightning_supernet.ir.checks import check_discovery
+from lightning_supernet.lifecycle import LifecycleMixin
 from lightning_supernet.ir.discover import Discovery, discover
 from lightning_supernet.ir.graph import ModuleGraph, trace
 from lightning_supernet.space import SpaceOptions, SubnetConfig
@@ -49,13 +53,14 @@ __all__ = ["SupernetModule"]
 install_hf_finalizer()  # Hugging Face extract finaliser (cheap: transformers is imported only if a model uses it)
 
 
-
-class SupernetModule(StepLoopMixin, pl.LightningModule):
+@forward_hooks
+class SupernetModule(StepLoopMixin, LifecycleMixin, pl.LightningModule):
     """A weight-sharing supernet around an unchanged model.
 
     Args:
         model: a ``LightningModule`` (its hooks are used as they are) or a plain ``nn.Module`` (then give
-            ``loss_fn``).
+            ``loss_fn``), or ``{"class_path": ..., "init_args": {...}}`` to build one (what checkpoints store: see
+            :mod:`lightning_supernet.checkpointing` for what ``load_from_checkpoint`` needs).
         loss_fn: ``loss_fn(output, target)`` for a plain ``nn.Module`` whose batches are ``(input, target)``.
         example_input: input for the discovery trace; defaults to ``model.example_input_array``.
         space: restrict or override the search space: a dict of :class:`~lightning_supernet.space.SpaceOptions`
@@ -84,7 +89,8 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         ['depth', 'width']
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None = None, *,
+    def __init__(self, model: nn.Module | Mapping[str, Any] | None,
+                 loss_fn: Callable[..., torch.Tensor] | str | None = None, *,
                  example_input: Any = None, space: SpaceOptions | Mapping[str, Any] | None = None,
                  output_transform: Callable[[Any], torch.Tensor] | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -103,6 +109,15 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         self.accumulate_grad_batches = accumulate_grad_batches
         self._pinned = 0
         self._metric_copies: dict[str, Any] = {}
+        if model is None:
+            raise ArgumentError("`model` is required. A checkpoint of a supernet around a model whose constructor "
+                                "arguments are unknown (a plain nn.Module) does not store how to build it: use "
+                                "`SupernetModule.load_from_checkpoint(path, model=MyNet(...))`")
+        given = model
+        if isinstance(model, Mapping):
+            model = build_model(model)
+        loss_fn, output_transform = resolve(loss_fn, "loss_fn"), resolve(output_transform, "output_transform")
+        optimizer = resolve(optimizer, "optimizer")
         if not isinstance(model, nn.Module):
             raise ArgumentError(f"`model` must be a LightningModule or nn.Module, got {type(model).__name__}")
         if isinstance(model, SupernetModule):
@@ -130,6 +145,9 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
             )
         self.example_input_array = example
         self.space_options = SpaceOptions.from_any(space)
+        self.save_hyperparameters(supernet_hparams(
+            given, loss_fn, example_input, self.space_options, output_transform, optimizer, eval_subnets,
+            gradient_clip_val, gradient_clip_algorithm, accumulate_grad_batches), logger=False)
         if isinstance(model, pl.LightningModule) and not model.automatic_optimization:
             raise ArgumentError(f"`{type(model).__name__}` uses manual optimisation; SupernetModule runs backward and the "
                             "optimizer itself (one step per multi-subnet plan): wrap a module with automatic "
@@ -347,9 +365,7 @@ class SupernetModule(StepLoopMixin, pl.LightningModule):
         return extract_model(self, self.search_space.validate(cfg if cfg is not None else self._active))
 
     def _example_on_device(self) -> Any:
-        from lightning_supernet.cost import _to
-
-        return _to(self.example_input_array, self.device)
+        return move_data_to_device(self.example_input_array, self.device)
 
     # -- forward and checkpoints ------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -470,19 +486,3 @@ def _uncalled(model: nn.Module, graph: ModuleGraph) -> list[str]:
         if params and not any(id(t) in graph.used_params for t in params):
             out.append(path)
     return out
-
-
-for _hook in ("on_fit_start", "on_fit_end", "on_train_start", "on_train_end", "on_train_epoch_start",
-              "on_validation_start", "on_validation_end", "on_validation_epoch_end", "on_test_epoch_end",
-              "on_predict_epoch_end", "on_train_batch_start", "on_train_batch_end"):
-
-    def _delegate(self, *args, _name=_hook, **kwargs):
-        if self._inner_lm is not None:
-            return self._inner(_name, *args, **kwargs)
-        return None
-
-    _delegate.__name__ = _hook
-    _delegate.__doc__ = f"Calls the wrapped LightningModule's ``{_hook}``."
-    setattr(SupernetModule, _hook, _delegate)
-
-

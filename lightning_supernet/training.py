@@ -114,11 +114,15 @@ class StepLoopMixin:
                 teacher = fork.share_teacher(None, owner)
         elif shared:
             teacher = self._remote_teacher(plan, mine, batch, batch_idx)
+        # under fork-join only one rank of a data group trains plan item 0, whose `self.log` calls are the user's:
+        # record them and replay them on every rank after the loop, so all ranks enter the same collectives
+        recorded: list[Any] | None = [] if fork is not None else None
         total, losses = 0.0, {}
         for pos, i in enumerate(mine):
             item = plan[i]
             sync = fork is None and boundary and pos == len(mine) - 1
-            with self._using(item.config), self._capture() as captured, self._log_as(item.name, i == 0, "train"):
+            with self._using(item.config), self._capture() as captured, \
+                    self._log_as(item.name, i == 0, "train", recorded):
                 task = self._task_loss(batch, batch_idx)
                 loss = task * item.task_weight if item.task_weight else task.new_zeros(())
                 if item.teacher or (item.distill_weight and teacher is not None):
@@ -138,20 +142,31 @@ class StepLoopMixin:
                     self.manual_backward(loss / self.accumulate_grad_batches)
             losses.setdefault(item.name, []).append(loss.detach())
             total = total + loss.detach()
-        # a one-subnet plan is plain training (the user's own logs say it all); self.log costs ~1 ms a call, so
-        # the per-subnet losses are logged at the Trainer's logging interval only
-        every = max(getattr(self.trainer, "log_every_n_steps", 1), 1)
-        if len(plan) > 1 and self.trainer.global_step % every == 0:
+        if fork is not None:
+            recorded, losses = fork.gather_logs(recorded, losses)
+            for key, value, args, kwargs in recorded:
+                self.log(key, value, *args, **kwargs)
+        # a one-subnet plan is plain training (the user's own logs say it all); Lightning decides when to write
+        if len(plan) > 1:
             for name, values in losses.items():
-                self.log(f"train/loss/{name}", torch.stack(values).mean(), batch_size=_batch_size(batch))
+                self.log(f"train/loss/{name}", torch.stack([torch.as_tensor(v) for v in values]).mean(),
+                         batch_size=_batch_size(batch))
         if boundary:
             if fork is not None:
                 fork.join(self.model)
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            self._optimizer_steps(optimizers, batch_idx)
             self._step_schedulers("step")
         return total if isinstance(total, torch.Tensor) else torch.zeros(())
+
+    def _optimizer_steps(self, optimizers: list[Any], batch_idx: int) -> None:
+        """Step and zero each optimizer through Lightning's hooks, as automatic optimisation would."""
+        trainer = self.trainer
+        for opt in optimizers:
+            self.optimizer_step(trainer.current_epoch, batch_idx, opt, None)
+            for cb in trainer.callbacks:
+                cb.on_before_zero_grad(trainer, self, opt)
+            self.on_before_zero_grad(opt)
+            self.optimizer_zero_grad(trainer.current_epoch, batch_idx, opt)
 
     def _fork_join(self) -> Any:
         from lightning_supernet.strategies.fork_join import ForkJoinDDPStrategy
@@ -204,8 +219,8 @@ class StepLoopMixin:
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip here (after AMP unscaling), then call the wrapped module's hook."""
         if self.gradient_clip_val:
-            self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
-                                gradient_clip_algorithm=self.gradient_clip_algorithm)
+            self.configure_gradient_clipping(optimizer, gradient_clip_val=self.gradient_clip_val,
+                                             gradient_clip_algorithm=self.gradient_clip_algorithm)
         if self._inner_lm is not None:
             self._inner("on_before_optimizer_step", optimizer)
 
@@ -224,15 +239,15 @@ class StepLoopMixin:
                         raise InvalidArgumentError(f"ReduceLROnPlateau monitors `{config.monitor}`, which was not logged; "
                                          f"logged metrics: {sorted(trainer.callback_metrics)}")
                     continue
-                config.scheduler.step(value)
+                self.lr_scheduler_step(config.scheduler, value)
             else:
-                config.scheduler.step()
+                self.lr_scheduler_step(config.scheduler, None)
 
     def on_train_epoch_end(self) -> None:
         if self._inner_lm is not None:
             self._inner("on_train_epoch_end")
         # like Lightning's automatic optimisation: epoch schedulers step only after a complete epoch
-        if getattr(self, "_batches_this_epoch", 0) >= self.trainer.num_training_batches:
+        if self._trainer is not None and getattr(self, "_batches_this_epoch", 0) >= self.trainer.num_training_batches:
             self._step_schedulers("epoch")
 
     # -- validation of several subnets ------------------------------------------------------------------------
@@ -257,7 +272,7 @@ class StepLoopMixin:
         result = None
         for i, (name, cfg) in enumerate(configs.items()):
             with self._using(cfg), self._log_as(name, i == 0, "val" if hook == "validation_step" else "test"), \
-                    self._metrics_of(name), self._eval_hooks(name, cfg):
+                    self._metrics_of(name, i == 0), self._eval_hooks(name, cfg):
                 if self._inner_lm is not None:
                     out = self._inner(hook, batch, batch_idx, *args)
                 else:
@@ -277,7 +292,10 @@ class StepLoopMixin:
         if self._inner_lm is not None:
             self._inner("on_validation_epoch_start")
 
-    on_test_epoch_start = on_validation_epoch_start
+    def on_test_epoch_start(self) -> None:
+        self._metric_copies = {}
+        if self._inner_lm is not None:
+            self._inner("on_test_epoch_start")
 
     @contextlib.contextmanager
     def _eval_hooks(self, name: str, cfg: SubnetConfig) -> Iterator[None]:
@@ -291,15 +309,21 @@ class StepLoopMixin:
                 cb.supernet_eval_exit(self, name, cfg)
 
     @contextlib.contextmanager
-    def _metrics_of(self, name: str) -> Iterator[None]:
-        """Give each validated subnet its own copies of the wrapped module's torchmetrics objects."""
+    def _metrics_of(self, name: str, plain: bool = False) -> Iterator[None]:
+        """Give each validated subnet but the first its own copies of the wrapped module's torchmetrics objects.
+
+        The first subnet logs under the user's own names with the user's own metric objects, exactly as a pinned
+        validation (``with supernet.subnet(cfg)``) does, so the Trainer sees the same logging arguments either way.
+        """
         from torchmetrics import Metric
 
-        if name == "active" or self._inner_lm is None:
+        if name == "active" or plain or self._inner_lm is None:
             yield
             return
         slots = [(path, m) for path, m in self.model.named_modules() if isinstance(m, Metric) and path]
-        copies = self._metric_copies.setdefault(name, {p: copy.deepcopy(m) for p, m in slots})
+        if name not in self._metric_copies:  # one copy per subnet and epoch, made on its first batch
+            self._metric_copies[name] = {p: _fresh_copy(m) for p, m in slots}
+        copies = self._metric_copies[name]
         for path, _ in slots:
             _set_module(self.model, path, copies[path])
         try:
@@ -309,9 +333,10 @@ class StepLoopMixin:
                 _set_module(self.model, path, original)
 
     @contextlib.contextmanager
-    def _log_as(self, name: str, plain: bool, stage: str) -> Iterator[None]:
+    def _log_as(self, name: str, plain: bool, stage: str, record: list[Any] | None = None) -> Iterator[None]:
         """Route the wrapped module's ``self.log`` calls: the first subnet keeps the user's names (and also
-        logs ``<stage>/<metric>/<name>``); the others log ``<stage>/<metric>/<name>`` only."""
+        logs ``<stage>/<metric>/<name>``); the others log ``<stage>/<metric>/<name>`` only. With ``record`` (a
+        list), the first subnet's tensor logs are appended to it as ``(key, value, args, kwargs)`` instead."""
         inner = self._inner_lm
         if inner is None or name == "active":
             yield
@@ -323,9 +348,11 @@ class StepLoopMixin:
             from torchmetrics import Metric
 
             def log(key: str, value: Any, *args: Any, **kwargs: Any) -> None:
-                if isinstance(value, Metric):  # a per-subnet copy: not an attribute Lightning can find
+                if isinstance(value, Metric) and not plain:  # a copy: not an attribute Lightning can find
                     kwargs.setdefault("metric_attribute", f"{key}@{name}")
-                if plain:
+                if plain and record is not None and not isinstance(value, Metric):
+                    record.append((key, torch.as_tensor(value).detach(), args, kwargs))
+                elif plain:
                     original(key, value, *args, **kwargs)
                 if stage != "train":
                     original(_subnet_key(key, stage, name), value, *args, **kwargs)
@@ -343,6 +370,13 @@ def _subnet_key(key: str, stage: str, name: str) -> str:
             key = key[len(prefix):]
             break
     return f"{stage}/{key}/{name}"
+
+
+def _fresh_copy(metric: Any) -> Any:
+    """A deep copy of a torchmetrics object with its state reset (the original may hold this epoch's updates)."""
+    fresh = copy.deepcopy(metric)
+    fresh.reset()
+    return fresh
 
 
 def _set_module(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:

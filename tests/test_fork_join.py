@@ -33,14 +33,14 @@ class Record(pl.Callback):
         torch.save({"grads": self.grads, "w": pl_module.state_dict()}, self.path / f"rank{trainer.global_rank}.pt")
 
 
-def _run(tmp_path, strategy, devices, steps, batch_size, seed=0, one_data_group=False):
+def _run(tmp_path, strategy, devices, steps, batch_size, seed=0, one_data_group=False, data=None):
     torch.manual_seed(seed)
     sn = SupernetModule(Lit(lr=0.05, depth=3), eval_subnets=None)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=devices, strategy=strategy, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[SandwichSampling(num_random=2, seed=1), InplaceDistillation(),
                                     Record(tmp_path)])
-    data = _data()
+    data = _data() if data is None else data
     # with one data group every rank sees the whole (shuffled) stream: the same sampler as a single process
     sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=0) if one_data_group else None
     trainer.fit(sn, DataLoader(data, batch_size=batch_size, sampler=sampler))
@@ -121,3 +121,85 @@ def test_errors(tmp_path):
 def test_registered_by_name():
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy="fork_join_ddp", logger=False)
     assert isinstance(trainer.strategy, ForkJoinDDPStrategy)
+
+
+class SyncLogging(Lit):
+    """The user's training_step logs with ``sync_dist=True`` (a collective on every rank, every step)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("user_loss", loss, sync_dist=True)
+        return loss
+
+
+class Logged(pl.Callback):
+    """Saves what each rank's Trainer holds as logged metrics after every step."""
+
+    def __init__(self, path):
+        self.path, self.rows = path, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rows.append({k: float(v) for k, v in trainer.logged_metrics.items()})
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(self.rows, self.path / f"logs{trainer.global_rank}.pt")
+
+
+def test_sync_dist_logging_and_per_subnet_losses_under_fork_join(tmp_path):
+    """Every rank enters the same collectives (a deadlock would hit the 60 s timeout), and the losses of the
+    subnets trained on the other rank reach rank 0's logger."""
+    from datetime import timedelta
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    sn = SupernetModule(SyncLogging(lr=0.05, depth=3), eval_subnets=None)
+    strategy = ForkJoinDDPStrategy(subnet_parallel=2, start_method="spawn", process_group_backend="gloo",
+                                   timeout=timedelta(seconds=60))
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy=strategy, log_every_n_steps=1,
+                         logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[SandwichSampling(num_random=1, seed=1), Logged(tmp_path)])
+    trainer.fit(sn, DataLoader(_data(48), batch_size=8))
+    rows0, rows1 = (torch.load(tmp_path / f"logs{r}.pt") for r in (0, 1))
+    assert len(rows0) == len(rows1) == 3
+    for r0, r1 in zip(rows0, rows1):
+        assert {"user_loss", "train/loss/largest", "train/loss/random", "train/loss/smallest"} <= r0.keys()
+        assert r0 == r1  # one data group: both ranks log the same numbers
+        # the user's loss is the largest subnet's task loss (task weight 1, no distillation)
+        assert r0["user_loss"] == pytest.approx(r0["train/loss/largest"], rel=1e-5)
+
+
+def _grid_reference(tmp_path, groups: int, batch_size: int) -> dict[str, torch.Tensor]:
+    """Single-process reference: the sandwich gradient of each data group's first batch (the one Lightning's
+    distributed sampler gives data group d: shuffled with seed 0, sharded over the data groups), averaged."""
+    data, grads = _data(), []
+    for d in range(groups):
+        (tmp_path / f"ref{d}").mkdir()
+        idx = list(DistributedSampler(data, num_replicas=groups, rank=d, shuffle=True, seed=0))[:batch_size]
+        shard = TensorDataset(*(t[idx] for t in data.tensors))
+        (single,) = _run(tmp_path / f"ref{d}", "auto", 1, steps=1, batch_size=batch_size, data=shard)
+        grads.append(single["grads"])
+    return {k: sum(g[k] for g in grads) / groups for k in grads[0]}
+
+
+def _check_grid(tmp_path, world: int, k: int) -> None:
+    expected = _grid_reference(tmp_path, world // k, batch_size=8)
+    (tmp_path / "grid").mkdir()
+    ranks = _run(tmp_path / "grid", _fork(k), world, steps=1, batch_size=8)
+    assert len(ranks) == world
+    for r in ranks:
+        _assert_same(r["grads"], expected)
+        _assert_same(r["w"], ranks[0]["w"], atol=0)
+
+
+def test_grid_w2_k1_mean_over_data_groups_equals_the_reference(tmp_path):
+    _check_grid(tmp_path, world=2, k=1)
+
+
+@pytest.mark.slow
+def test_grid_w4_k2_mean_over_data_groups_equals_the_reference(tmp_path):
+    """4 gloo ranks: 2 data groups x 2 subnet ranks; each rank's joined gradient is the mean over the data groups
+    of the full sandwich gradient of that group's batch."""
+    _check_grid(tmp_path, world=4, k=2)

@@ -245,3 +245,97 @@ def test_plain_module_validation_logs_every_subnet():
     for name, cfg in sn.eval_configs().items():
         assert trainer.callback_metrics[f"val/acc/{name}"].item() == pytest.approx(_accuracy(sn, cfg, *data.tensors))
     assert trainer.callback_metrics["val_acc"].item() == pytest.approx(trainer.callback_metrics["val/acc/largest"].item())
+
+
+def test_per_subnet_losses_reach_the_logger_at_lightnings_cadence(tmp_path):
+    """A 66-step run with the default ``log_every_n_steps`` (50): Lightning writes its rows at step 49, and the
+    per-subnet losses are in them."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    sn = SupernetModule(Lit(lr=0.05), eval_subnets=None)
+    trainer = _trainer(max_steps=66, logger=CSVLogger(tmp_path), callbacks=[SandwichSampling(num_random=0)])
+    trainer.fit(sn, DataLoader(_data(66 * 2), batch_size=2))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    rows = [r for r in rows if r.get("train/loss/largest")]
+    assert [int(r["step"]) for r in rows] == [49]
+    assert rows[0]["train/loss/smallest"] and rows[0]["train_loss"]
+    assert float(rows[0]["train_loss"]) == pytest.approx(float(rows[0]["train/loss/largest"]), rel=1e-5)
+
+
+class WithMetric(Lit):
+    """Logs a torchmetrics object from validation_step (the standard idiom)."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        import torchmetrics
+
+        self.acc = torchmetrics.classification.MulticlassAccuracy(num_classes=10, average="micro")
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.acc(self(x), y)
+        self.log("val_acc", self.acc)
+
+
+def test_metric_copies_one_per_subnet_and_repeated_pinned_validation(monkeypatch):
+    import copy as copy_module
+
+    from lightning_supernet import training
+
+    torch.manual_seed(6)
+    sn = SupernetModule(WithMetric(), eval_subnets=("largest", "smallest"))
+    data = _data(32)
+    copies = []
+    real = copy_module.deepcopy
+    monkeypatch.setattr(training.copy, "deepcopy", lambda obj, *a: copies.append(type(obj).__name__) or real(obj, *a))
+    trainer = _trainer()
+    trainer.validate(sn, DataLoader(data, batch_size=4), verbose=False)  # 8 batches, 2 subnets
+    assert copies.count("MulticlassAccuracy") == 1  # one per subnet after the first, not one per batch
+    x, y = data.tensors
+    for name, cfg in sn.eval_configs().items():
+        assert trainer.callback_metrics[f"val/acc/{name}"].item() == pytest.approx(_accuracy(sn, cfg, x, y))
+    cfg = sn.search_space.sample(3)
+    with sn.subnet(cfg):
+        for _ in range(2):  # a second validate on the same Trainer inside the pinned subnet
+            trainer.validate(sn, DataLoader(data, batch_size=4), verbose=False)
+            assert trainer.callback_metrics["val_acc"].item() == pytest.approx(_accuracy(sn, cfg, x, y))
+
+
+def test_trainer_gradient_clip_val_is_taken_and_matches_a_manual_reference():
+    torch.manual_seed(7)
+    sn = SupernetModule(Lit(), eval_subnets=None)
+    ref = copy.deepcopy(sn)
+    data = _data(8)
+    trainer = _trainer(max_steps=1, gradient_clip_val=0.05)  # Lightning alone refuses this under manual optimisation
+    trainer.fit(sn, DataLoader(data, batch_size=8))
+    assert trainer.gradient_clip_val == 0.05 and sn.gradient_clip_val is None  # given back after the run
+    g, _ = _grads(ref, ref.search_space.largest(), *data.tensors)
+    total = sum(p.grad.norm() ** 2 for p in ref.model.parameters() if p.grad is not None) ** 0.5
+    torch.nn.utils.clip_grad_norm_(list(ref.model.parameters()), 0.05)  # torch's own clipping as the reference
+    assert total > 0.05
+    for name, p in sn.model.named_parameters():
+        q = dict(ref.model.named_parameters())[name]
+        expected = q - (q.grad if q.grad is not None else 0)
+        torch.testing.assert_close(p, expected, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_trainer_accumulate_grad_batches_equals_one_step_on_the_doubled_batch():
+    torch.manual_seed(8)
+    sn = SupernetModule(Lit(), eval_subnets=None)
+    ref = copy.deepcopy(sn)
+    data = _data(16)
+    trainer = _trainer(max_epochs=1, accumulate_grad_batches=2)
+    trainer.fit(sn, DataLoader(data, batch_size=8))
+    assert trainer.global_step == 1 and trainer.accumulate_grad_batches == 2
+    g, _ = _grads(ref, ref.search_space.largest(), *data.tensors)  # the mean loss over all 16 samples
+    for name, p in sn.model.named_parameters():
+        torch.testing.assert_close(p, dict(ref.model.named_parameters())[name] - g[name], atol=1e-6, rtol=1e-5)
+
+
+def test_trainer_and_module_clip_values_that_disagree_fail_clearly():
+    sn = SupernetModule(Lit(), eval_subnets=None, gradient_clip_val=0.2)
+    with pytest.raises(ValueError, match=r"Trainer\(gradient_clip_val=0.1\)` and `SupernetModule\(gradient_clip_val=0.2"):
+        _trainer(max_steps=1, gradient_clip_val=0.1).fit(sn, DataLoader(_data(8), batch_size=8))

@@ -15,6 +15,7 @@ import itertools
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -62,6 +63,7 @@ class ParameterPrioritization(Callback):
         self.protect_trained = protect_trained
         self.num_batches = num_batches
         self.reorders = 0
+        self.last_permutations: dict[str, Any] = {}
         self._last_epoch = -1
 
     @override
@@ -94,10 +96,30 @@ class ParameterPrioritization(Callback):
     def apply(self, trainer: pl.Trainer | None, pl_module: SupernetModule, protect: bool) -> dict[str, Any]:
         """Compute importance and reorder (parameters, BN statistics, optimizer state)."""
         optimizers = [getattr(o, "optimizer", o) for o in (trainer.optimizers if trainer is not None else [])]
-        perms = prioritize.reorder(pl_module, self.compute_importance(trainer, pl_module), optimizers, protect)
+        importance = self.compute_importance(trainer, pl_module)
+        if trainer is not None and trainer.world_size > 1:
+            importance = self.agree(trainer, importance)
+        perms = prioritize.reorder(pl_module, importance, optimizers, protect)
+        self.last_permutations = perms
         self.reorders += 1
         self._last_epoch = trainer.current_epoch if trainer is not None else -1
         return perms
+
+    def agree(self, trainer: pl.Trainer, importance: dict[str, Any]) -> dict[str, Any]:
+        """Make every rank use the same importance, as Lightning's own callbacks agree on decisions.
+
+        Data-driven scores (each rank saw its own batches) are summed over the ranks with the strategy's
+        ``reduce``; then rank 0's result is broadcast, so ties and float round-off cannot permute replicas
+        differently. Magnitudes are computed from identical weights and need no communication.
+        """
+        if self.importance == "magnitude":
+            return importance
+        strategy = trainer.strategy
+        summed = {}
+        for name in sorted(importance):
+            score = importance[name]
+            summed[name] = strategy.reduce(score.to(strategy.root_device).clone(), reduce_op="sum").to(score.device)
+        return strategy.broadcast(summed, src=0)
 
     def _batches(self, trainer: pl.Trainer | None, pl_module: SupernetModule) -> list[Any]:
         loader = None
@@ -107,9 +129,9 @@ class ParameterPrioritization(Callback):
             loader = trainer.train_dataloader
         if loader is None:
             raise InvalidArgumentError(f"importance={self.importance!r} needs training batches; none are available")
-        from lightning_supernet.cost import _to
-
-        return [_to(b, pl_module.device) for b in itertools.islice(iter(loader), self.num_batches)]
+        move = trainer.strategy.batch_to_device if trainer is not None else None
+        return [move(b) if move is not None else move_data_to_device(b, pl_module.device)
+                for b in itertools.islice(iter(loader), self.num_batches)]
 
     @override
     def state_dict(self) -> dict[str, Any]:

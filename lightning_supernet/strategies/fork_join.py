@@ -227,6 +227,26 @@ class ForkJoinDDPStrategy(DDPStrategy):
         """Indices of the plan items this rank trains."""
         return self.assign(supernet, plan)[self.subnet_rank]
 
+    # -- logs -------------------------------------------------------------------------------------------------
+    def gather_logs(self, recorded: list[Any], losses: dict[str, list[torch.Tensor]]
+                    ) -> tuple[list[Any], dict[str, list[torch.Tensor]]]:
+        """Share a step's logs within the data group (one ``all_gather_object``): the user's ``self.log`` calls
+        recorded by the rank that trained plan item 0, and every rank's per-subnet losses.
+
+        Every rank of the group gets the same list back, so replaying it makes every rank enter the same
+        ``sync_dist`` collectives, and ``train/loss/<name>`` covers the subnets other ranks trained.
+        """
+        mine = {"logs": [(k, v.detach().cpu(), a, kw) for k, v, a, kw in recorded],
+                "losses": {n: [float(v) for v in vs] for n, vs in losses.items()}}
+        box: list[Any] = [None] * self.subnet_parallel
+        dist.all_gather_object(box, mine, group=self._group)
+        logs = next((b["logs"] for b in box if b["logs"]), [])
+        merged: dict[str, list[torch.Tensor]] = {}
+        for b in box:
+            for name, values in b["losses"].items():
+                merged.setdefault(name, []).extend(torch.tensor(v, device=self.root_device) for v in values)
+        return [(k, v.to(self.root_device), a, kw) for k, v, a, kw in logs], merged
+
     # -- join -------------------------------------------------------------------------------------------------
     def join(self, module: torch.nn.Module) -> None:
         """One bucketed all-reduce of every gradient (missing ones as zeros): sum over the world / data groups.
