@@ -177,3 +177,105 @@ def test_kl_on_embeddings_warns_and_cosine_responds():
     assert feature_loss(a, a, "kl").abs().item() < 1e-6
     with pytest.raises(InvalidArgumentError, match="features"):
         InplaceDistillation(features={"blocks.1": {"loss": "l1"}})
+
+
+# -- 3. importance before training, from data --------------------------------------------------------------------
+def _mlp_half(sn: SupernetModule) -> dict:
+    return {n: max(d.choices) // 2 for n, d in sn.search_space.dims.items() if n.endswith("mlp.fc1.width")}
+
+
+def _cos_to_full(sn: SupernetModule, cfg, x) -> float:
+    with torch.no_grad():
+        sn.eval()
+        full = sn(x)
+        with sn.subnet(cfg):
+            sub = sn(x)
+    return F.cosine_similarity(sub, full, dim=-1).mean().item()
+
+
+def test_prioritize_runs_standalone_preserves_the_model_and_helps_the_half_mlp_subnet():
+    from lightning_supernet.importance import prioritize
+
+    x = _digits(256)[0]
+    sn = _supernet(_pretrained(depth=4, steps=80))
+    half = sn.search_space.config(_mlp_half(sn))
+    with torch.no_grad():
+        before = sn.eval()(x).clone()
+    cos_before = _cos_to_full(sn, half, x)
+    report = prioritize(sn, _loader(), kind="taylor", batches=4)
+    assert report["signal"] == "task" and report["permutations"]
+    with torch.no_grad():
+        assert torch.allclose(sn(x), before, atol=1e-4)
+    cos_after = _cos_to_full(sn, half, x)
+    assert 1 - cos_after < 0.5 * (1 - cos_before), (cos_before, cos_after)  # the error at least halves
+    with pytest.raises(InvalidArgumentError, match="kind"):
+        prioritize(sn, _loader(), kind="fisher")
+    with pytest.raises(InvalidArgumentError, match="yielded no batch"):
+        prioritize(sn, [], kind="taylor")
+
+
+class _SelfDistilled(L.LightningModule):
+    """An embedding-style fine-tune whose loss is the distance to a frozen copy of itself: exactly 0 at step 0."""
+
+    def __init__(self, model: TinyViT) -> None:
+        super().__init__()
+        import copy
+
+        self.net = model
+        self.frozen = [copy.deepcopy(model).requires_grad_(False)]  # a list: not a submodule
+        self.example_input_array = torch.randn(1, 1, 8, 8)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        return F.mse_loss(self(x), self.frozen[0](x))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_taylor_with_a_zero_loss_warns_and_uses_the_perturbation_loss():
+    from lightning_supernet.importance import prioritize, task_signal
+
+    x = _digits(256)[0]
+    sn = SupernetModule(_SelfDistilled(_pretrained(depth=4, steps=80)), eval_subnets=None)
+    loss, grad = task_signal(sn, (x[:32], None))
+    assert loss < 1e-6 and grad < 1e-7
+    half = sn.search_space.config(_mlp_half(sn))
+    cos_before = _cos_to_full(sn, half, x)
+    with pytest.warns(UserWarning, match="no signal"):
+        report = prioritize(sn, _loader(), kind="taylor", batches=4, depth=False)
+    assert report["signal"] == "perturbation" and report["permutations"]
+    cos_after = _cos_to_full(sn, half, x)
+    assert 1 - cos_after < 0.7 * (1 - cos_before), (cos_before, cos_after)
+
+
+# -- 4. depth importance --------------------------------------------------------------------------------------
+def test_block_priority_drops_a_nearly_identity_block_first():
+    from lightning_supernet.importance import block_importance, prioritize
+
+    model = _pretrained(depth=4, steps=40)
+    with torch.no_grad():  # block 1 adds almost nothing to its input: nearly the identity
+        for lin in (model.blocks[1].attn.proj, model.blocks[1].mlp.fc2):
+            lin.weight.mul_(1e-3)
+            lin.bias.mul_(1e-3)
+    sn = SupernetModule(model, F.cross_entropy, example_input=torch.randn(1, 1, 8, 8))
+    space = sn.search_space
+    assert space.smallest()["blocks.1.keep"]  # model order keeps the first blocks by default
+    scores = block_importance(sn, [(x, None) for x in _digits(128)[0].split(32)])
+    assert min(scores, key=scores.get) == "blocks.1.keep"
+    prioritize(sn, _loader(), kind="magnitude", batches=2)
+    assert space.block_priority == pytest.approx(scores, rel=0.05)  # measured on other batches
+    smallest, middle = space.smallest(), space.middle()
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    assert not smallest["blocks.1.keep"] and not middle["blocks.1.keep"]
+    assert [n for n, v in smallest.items() if n.endswith(".keep") and v] == sorted(ranked[:2])  # model order
+    assert sn._eval_subnet_configs["smallest"] == smallest
+    x = _digits(16)[0]
+    small = sn.extract(smallest)
+    with torch.no_grad(), sn.subnet(smallest):
+        assert len(small.blocks) == 2 and torch.allclose(small.eval()(x), sn.eval()(x), atol=1e-5)
+    with pytest.raises(Exception, match="no depth dim"):
+        space.set_block_priority({"blocks.0.mlp.fc1.width": 1.0})
