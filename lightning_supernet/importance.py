@@ -35,11 +35,14 @@ from lightning_supernet.ir.graph import call_model
 if TYPE_CHECKING:
     from lightning_supernet.module import SupernetModule
 
-__all__ = ["DEFAULT_KIND", "block_importance", "perturbation_loss", "prioritize", "task_signal"]
+__all__ = ["DEFAULT_KIND", "DEFAULT_LOSS", "block_importance", "perturbation_loss", "prioritize", "task_signal",
+           "taylor_scores"]
 
 KINDS = ("taylor", "activation", "magnitude")
 #: the importance :func:`prioritize` uses by default (see its docstring for the measurement behind it)
 DEFAULT_KIND = "taylor"
+#: what the default Taylor importance differentiates: the output's sensitivity (see :func:`prioritize`)
+DEFAULT_LOSS = "output"
 #: below these the task loss is taken to carry no signal (round-off-size gradients)
 LOSS_EPS = 1e-6
 GRAD_EPS = 1e-7
@@ -107,6 +110,28 @@ def task_signal(supernet: SupernetModule, batch: Any) -> tuple[float, float]:
     return abs(float(loss.detach())), gnorm / pnorm
 
 
+def taylor_scores(supernet: SupernetModule, batches: list[Any], loss: Any = None) -> dict[str, torch.Tensor]:
+    """``Σ_batches (Σ_unit |w·∂L/∂w|)²`` per unit of each group (``loss``: as in
+    :func:`~lightning_supernet.prioritize.taylor_importance`, ``None`` for the task loss).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from lightning_supernet import SupernetModule
+        >>> from lightning_supernet.models import TinyViT
+        >>> sn = SupernetModule(TinyViT(dim=16, depth=1, num_heads=2), F.cross_entropy,
+        ...                     example_input=torch.randn(1, 1, 8, 8))
+        >>> s = taylor_scores(sn, [(torch.randn(4, 1, 8, 8), torch.randint(10, (4,)))])
+        >>> s["blocks.0.mlp.fc1.width"].shape
+        torch.Size([64])
+    """
+    total: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        one = None if loss is None else (lambda sn, b, _j, i=i: loss(sn, b, i))
+        for name, score in _prio.taylor_importance(supernet, [batch], loss=one).items():
+            total[name] = total.get(name, 0) + score.pow(2)
+    return total
+
+
 def block_importance(supernet: SupernetModule, batches: Iterable[Any]) -> dict[str, float]:
     """The measured effect of removing each skippable block: ``Σ‖f₋ᵦ(x) − f(x)‖² / Σ‖f(x)‖²`` over the batches,
     the largest subnet with only block ``b`` skipped against the largest (normalised output error, as Nemotron
@@ -143,7 +168,7 @@ def block_importance(supernet: SupernetModule, batches: Iterable[Any]) -> dict[s
 
 
 def prioritize(supernet: SupernetModule, dataloader: Iterable[Any], kind: str = DEFAULT_KIND, batches: int = 4,
-               depth: bool = True, loss: Any = None, optimizers: Iterable[torch.optim.Optimizer] = (),
+               depth: bool = True, loss: Any = DEFAULT_LOSS, optimizers: Iterable[torch.optim.Optimizer] = (),
                protect: bool = False) -> dict[str, Any]:
     """Sort a supernet by importance measured on data, before (or between) training — no ``Trainer`` needed.
 
@@ -151,13 +176,18 @@ def prioritize(supernet: SupernetModule, dataloader: Iterable[Any], kind: str = 
     Depth (``depth=True``): :func:`block_importance` ranks the skippable blocks and the search space keeps the
     most important ones in depth choices (``smallest()``/``middle()`` keep them, in model order).
 
-    The default ``kind="taylor"`` (``Σ|w·∂L/∂w|`` on the task loss) is the one that kept a pretrained model's
-    first-k subnets best where we measured: on the benchmark's pretrained 6-block ViT (benchmarks/RESULTS.md,
-    issue 13 section) and on the pretrained sentence-embedding transformer of issue 13 (50 % MLP, no training:
-    cosine 0.80 for taylor, 0.71 activation, 0.66 magnitude). Taylor reads which units the *task* needs;
-    magnitude reads only weights. When the task loss has no signal — e.g. ``|loss| < 1e-6`` or gradients at
-    round-off scale, as for a model distilled toward itself at step 0 — Taylor falls back to
-    :func:`perturbation_loss` (the output's sensitivity along random directions) and warns.
+    **Taylor** scores a unit by ``(Σ_unit |w·∂L/∂w|)²`` summed over the batches (first-order Taylor, squared per
+    batch as Molchanov et al. 2019, so that gradients that cancel across batches do not cancel the score).
+    **The default for pretrained models is ``kind="taylor", loss="output"``** — Taylor on the output's
+    sensitivity (:func:`perturbation_loss`), not on the task loss — because it kept the first-k 50 %-MLP subnet
+    of a pretrained model best where we measured (benchmarks/RESULTS.md, issue 13: the benchmark's pretrained
+    6-block ViT, embedding cosine to the original with no training: output-Taylor 0.988 (4 batches), magnitude
+    0.983, task-loss Taylor 0.94 (0.98 with 16 batches), activation 0.95, unsorted 0.94; on issue 13's pretrained
+    sentence-embedding transformer, task-loss Taylor 0.80 beat activation 0.71 and magnitude 0.66). At a pretrained
+    optimum the task gradient averages to about zero, so task-loss Taylor rests on a few batches' noise; the
+    output's sensitivity is what distilling the subnets toward the original needs to keep. ``loss="task"``
+    uses the task loss; when it has no signal — ``|loss| < 1e-6`` or gradients at round-off scale, as for a model
+    distilled toward itself at step 0 — it falls back to the output's sensitivity and warns.
 
     Args:
         supernet: the supernet (a ``SupernetModule``), not yet attached to a Trainer or attached.
@@ -165,12 +195,15 @@ def prioritize(supernet: SupernetModule, dataloader: Iterable[Any], kind: str = 
         kind: ``"taylor"``, ``"activation"`` (mean |activation|; heads by magnitude) or ``"magnitude"``.
         batches: how many batches of ``dataloader`` to use.
         depth: also rank the skippable blocks (store the ranking in ``supernet.search_space``).
-        loss: ``loss(supernet, batch, i) -> scalar`` for Taylor instead of the task loss.
+        loss: what Taylor differentiates: ``"output"`` (the output's sensitivity, :func:`perturbation_loss`),
+            ``"task"`` (the wrapped ``training_step``'s loss or ``loss_fn``), or ``loss(supernet, batch, i) ->
+            scalar``.
         optimizers: optimizers whose state moves with the reordered parameters.
         protect: sort only within the bands between width choices (see :func:`~lightning_supernet.prioritize.reorder`).
 
     Returns:
-        ``{"kind", "permutations": {group: perm}, "blocks": {keep-dim: score}, "signal": "task"|"perturbation"|None}``.
+        ``{"kind", "permutations": {group: perm}, "blocks": {keep-dim: score}, "signal"}``; ``signal`` is the loss
+        Taylor used: ``"output"``, ``"task"``, ``"given"``, ``"output (the task loss had none)"``, or ``None``.
 
     Raises:
         ValueError: unknown ``kind``, bad ``batches``, or a ``dataloader`` that yields nothing.
@@ -196,16 +229,19 @@ def prioritize(supernet: SupernetModule, dataloader: Iterable[Any], kind: str = 
     elif kind == "activation":
         scores = _prio.activation_importance(supernet, data)
     else:
-        signal = "task" if loss is None else "given"
-        if loss is None:
+        if not callable(loss) and loss not in ("output", "task"):
+            raise InvalidArgumentError(f"`loss` must be 'output', 'task' or a callable, got {loss!r}")
+        signal = loss if isinstance(loss, str) else "given"
+        if loss == "task":
             value, grad = task_signal(supernet, data[0])
             if value < LOSS_EPS or grad < GRAD_EPS:
                 rank_zero_warn(f"prioritize: the task loss has no signal to rank units by (loss {value:.2e}, "
                                f"relative gradient {grad:.2e}: a model distilled toward itself?); Taylor importance "
-                               "uses the output's sensitivity to random directions instead (`perturbation_loss`). "
+                               "uses the output's sensitivity to random directions instead (`loss='output'`). "
                                "HINT: pass `loss=` with a task loss that has signal")
-                loss, signal = perturbation_loss(), "perturbation"
-        scores = _prio.taylor_importance(supernet, data, loss=loss)
+                loss, signal = "output", "output (the task loss had none)"
+        fn = perturbation_loss() if loss == "output" else None if loss == "task" else loss
+        scores = taylor_scores(supernet, data, fn)
     perms = _prio.reorder(supernet, scores, optimizers, protect)
     blocks: dict[str, float] = {}
     if depth and any(d.kind == "depth" for d in supernet.search_space.dims.values()):

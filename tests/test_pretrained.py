@@ -202,14 +202,16 @@ def test_prioritize_runs_standalone_preserves_the_model_and_helps_the_half_mlp_s
     with torch.no_grad():
         before = sn.eval()(x).clone()
     cos_before = _cos_to_full(sn, half, x)
-    report = prioritize(sn, _loader(), kind="taylor", batches=4)
-    assert report["signal"] == "task" and report["permutations"]
+    report = prioritize(sn, _loader(), batches=4)
+    assert report["signal"] == "output" and report["kind"] == "taylor" and report["permutations"]
     with torch.no_grad():
         assert torch.allclose(sn(x), before, atol=1e-4)
     cos_after = _cos_to_full(sn, half, x)
     assert 1 - cos_after < 0.5 * (1 - cos_before), (cos_before, cos_after)  # the error at least halves
     with pytest.raises(InvalidArgumentError, match="kind"):
         prioritize(sn, _loader(), kind="fisher")
+    with pytest.raises(InvalidArgumentError, match="loss"):
+        prioritize(sn, _loader(), loss="fisher")
     with pytest.raises(InvalidArgumentError, match="yielded no batch"):
         prioritize(sn, [], kind="taylor")
 
@@ -246,8 +248,8 @@ def test_taylor_with_a_zero_loss_warns_and_uses_the_perturbation_loss():
     half = sn.search_space.config(_mlp_half(sn))
     cos_before = _cos_to_full(sn, half, x)
     with pytest.warns(UserWarning, match="no signal"):
-        report = prioritize(sn, _loader(), kind="taylor", batches=4, depth=False)
-    assert report["signal"] == "perturbation" and report["permutations"]
+        report = prioritize(sn, _loader(), kind="taylor", batches=4, depth=False, loss="task")
+    assert report["signal"] == "output (the task loss had none)" and report["permutations"]
     cos_after = _cos_to_full(sn, half, x)
     assert 1 - cos_after < 0.7 * (1 - cos_before), (cos_before, cos_after)
 
