@@ -5,15 +5,17 @@ The benchmark pre-trains its own model (no downloads): a TinyViT (6 blocks, dim 
 on scikit-learn's digits, Adam, ``--pretrain-steps`` steps. Then, on the same training data:
 
 * **Importance kinds, no training**: the first-k 50 %-MLP subnet (every ``mlp.fc1`` at half) after sorting with
-  ``prioritize(kind=...)`` for none / magnitude / activation / taylor. **Depth order, no training**: the 4-of-6
+  ``prioritize(kind=...)`` for none / magnitude / activation / taylor on the task loss / taylor on the output's
+  sensitivity (the default), 4 and 16 batches. **Depth order, no training**: the 4-of-6
   blocks subnet keeping the 4 blocks ranked most important (``block_importance``), the first 4 (model order), the
   least important 4.
 * **Supernet fine-tunes** of ``--steps`` steps (batch 64, Adam lr ``--lr``, SandwichSampling(num_random=2):
   4 subnets a step), each from a fresh copy of the pretrained model:
-  ``defaults`` (the library's defaults: ParameterPrioritization() magnitude at train start,
-  InplaceDistillation() teacher = largest, KL, task loss on every subnet), ``recipe`` (``prioritize(taylor,
-  depth)`` + ``pretrained_recipe(features=["norm"])``: teacher = frozen original, largest anchored with weight 1
-  and no task term, students distilled only, KL on logits + cosine on the final norm's tokens), and the ablations
+  ``defaults`` (the library's defaults and default space: ParameterPrioritization() magnitude at train start,
+  InplaceDistillation() teacher = largest, KL, task loss on every subnet), ``recipe`` (space: widths and heads
+  down to 50 %, at least 4 blocks; ``prioritize()`` (taylor on the output, block ranking: nested depths) +
+  ``pretrained_recipe(features=["norm"])``: teacher = frozen original, largest anchored with weight 3 and no task
+  term, students distilled only, KL on logits + cosine on the final norm's tokens), and the ablations
   ``recipe teacher=largest`` (same, but the moving largest teaches, largest keeps its task term since it cannot
   be anchored), ``recipe no feature KD``, ``recipe magnitude`` (importance), ``recipe model-order depth``.
 * **Standalone students**: the 50 %-MLP and 4-of-6-blocks shapes extracted from the sorted (untrained) supernet
@@ -62,6 +64,8 @@ from lightning_supernet.models import TinyViT  # noqa: E402
 from lightning_supernet.recipes import pretrained_recipe  # noqa: E402
 
 FEATURES = ["norm"]
+#: the recipe's search space: widths and heads down to 50 %, at least 4 of the 6 blocks
+SPACE = {"width_ratios": [0.5, 0.75, 1.0], "head_ratios": [0.5, 0.75, 1.0], "min_depth": 4}
 
 
 def data() -> tuple[TensorDataset, TensorDataset]:
@@ -123,9 +127,9 @@ class Ref:
             return self.score(sn.model)
 
 
-def supernet(model: TinyViT, lr: float) -> SupernetModule:
+def supernet(model: TinyViT, lr: float, space=None) -> SupernetModule:
     return SupernetModule(copy.deepcopy(model), F.cross_entropy, example_input=torch.randn(1, 1, 8, 8),
-                          optimizer=lambda p: torch.optim.Adam(p, lr=lr), eval_subnets=None)
+                          optimizer=lambda p: torch.optim.Adam(p, lr=lr), eval_subnets=None, space=space)
 
 
 def half_mlp(sn: SupernetModule):
@@ -169,12 +173,12 @@ def fit(sn: SupernetModule, callbacks: list, train: TensorDataset, steps: int) -
 
 
 def variant(name: str, original: TinyViT, train: TensorDataset, ref: Ref, args) -> tuple[dict, SupernetModule, StepTimer]:
-    sn = supernet(original, args.lr)
+    sn = supernet(original, args.lr, None if name == "defaults" else SPACE)
     t0 = time.time()
     if name == "defaults":
         cbs = [ParameterPrioritization(), SandwichSampling(num_random=2), InplaceDistillation()]
     else:
-        kind = "magnitude" if name == "recipe magnitude" else "taylor"
+        kind = "magnitude" if name == "recipe magnitude" else "taylor"  # taylor: on the output's sensitivity
         prioritize(sn, loader(train, 7), kind=kind, batches=4, depth=name != "recipe model-order depth")
         feats = None if name == "recipe no feature KD" else FEATURES
         cbs = pretrained_recipe(features=feats)
@@ -256,11 +260,13 @@ def main() -> None:
     print(f"original: val acc {ref.acc * 100:.2f} %  ({time.time() - t_start:.0f} s)", flush=True)
 
     kinds = {}
-    for kind in ("none", "magnitude", "activation", "taylor"):
+    for kind, loss, n in (("none", None, 0), ("magnitude", None, 4), ("activation", None, 4), ("taylor", "task", 4),
+                          ("taylor", "task", 16), ("taylor", "output", 4), ("taylor", "output", 16)):
         sn = supernet(original, args.lr)
         if kind != "none":
-            prioritize(sn, loader(train, 7), kind=kind, batches=4, depth=False)
-        kinds[kind] = ref.score_cfg(sn, half_mlp(sn))
+            prioritize(sn, loader(train, 7), kind=kind, batches=n, depth=False, loss=loss or "output")
+        kinds[f"{kind}{f' ({loss} loss)' if loss else ''}{f', {n} batches' if n else ''}"] = \
+            ref.score_cfg(sn, half_mlp(sn))
     res["importance_no_training_50%_MLP"] = kinds
     print("importance kinds, 50% MLP, no training:", kinds, flush=True)
 
@@ -287,8 +293,8 @@ def main() -> None:
             print("step cost:", res["step_cost"], flush=True)
     res["finetune"] = runs
 
-    sorted_sn = supernet(original, args.lr)
-    prioritize(sorted_sn, loader(train, 7), kind="taylor", batches=4)
+    sorted_sn = supernet(original, args.lr, SPACE)
+    prioritize(sorted_sn, loader(train, 7), batches=4)
     res["students"] = {"50% MLP": student(original, sorted_sn, half_mlp(sorted_sn), train, ref, args),
                        "4 of 6 blocks": student(original, sorted_sn, four_of_six(sorted_sn), train, ref, args)}
     print("standalone students:", res["students"], flush=True)

@@ -408,6 +408,8 @@ class SearchSpace:
 
     def sample(self, generator: torch.Generator | int | None = None) -> SubnetConfig:
         """A random valid config: uniform widths/heads, each block kept with ``keep_prob``, min depth repaired.
+        With a block priority (:meth:`set_block_priority`) the number of kept blocks is drawn the same way, and the
+        most important ones are kept (depths are nested: a shallower subnet drops the least important first).
 
         Args:
             generator: a ``torch.Generator``, a seed, or ``None`` for a fresh OS-seeded generator (the global RNG
@@ -425,6 +427,11 @@ class SearchSpace:
                 values[name] = bool(torch.rand((), generator=gen).item() < self.keep_prob)
             else:
                 values[name] = d.choices[int(torch.randint(len(d.choices), (), generator=gen))]
+        if self.block_priority:  # ranked blocks: as many kept as drawn, but the most important ones (nested depths)
+            for stack in self._stack_blocks:
+                ranked = self._by_priority(stack)
+                kept = max(sum(values[n] for n in ranked), self._min_skippable_kept(stack))
+                values.update({n: i < kept for i, n in enumerate(ranked)})
         return self.repair(values, gen)
 
     def repair(self, values: Mapping[str, Any], generator: torch.Generator | int | None = None) -> SubnetConfig:

@@ -281,3 +281,18 @@ def test_block_priority_drops_a_nearly_identity_block_first():
         assert len(small.blocks) == 2 and torch.allclose(small.eval()(x), sn.eval()(x), atol=1e-5)
     with pytest.raises(Exception, match="no depth dim"):
         space.set_block_priority({"blocks.0.mlp.fc1.width": 1.0})
+
+
+def test_sampled_depths_are_nested_under_a_block_priority():
+    from lightning_supernet.space import Dim, SearchSpace
+
+    space = SearchSpace([Dim(f"b.{i}.keep", "depth", (True, False), stack="b") for i in range(6)],
+                        stacks={"b": (6, 3)})
+    counts_before = [sum(space.sample(seed).values()) for seed in range(40)]
+    space.set_block_priority({f"b.{i}.keep": s for i, s in enumerate([0.9, 0.1, 0.5, 0.05, 0.7, 0.3])})
+    ranked = ["b.0.keep", "b.4.keep", "b.2.keep", "b.5.keep", "b.1.keep", "b.3.keep"]
+    for seed in range(40):
+        cfg = space.sample(seed)
+        k = sum(cfg.values())
+        assert k == counts_before[seed]  # as many blocks as without the ranking ...
+        assert {n for n, v in cfg.items() if v} == set(ranked[:k])  # ... the k most important
