@@ -296,3 +296,19 @@ def test_sampled_depths_are_nested_under_a_block_priority():
         k = sum(cfg.values())
         assert k == counts_before[seed]  # as many blocks as without the ranking ...
         assert {n for n, v in cfg.items() if v} == set(ranked[:k])  # ... the k most important
+
+
+def test_the_original_teacher_travels_in_the_checkpoint_state():
+    model = _pretrained(depth=2, steps=10)
+    x = _digits(32)[0]
+    with torch.no_grad():
+        original = model(x).clone()
+    sn = _supernet(model)
+    kd = InplaceDistillation(teacher="original", loss="mse", anchor_weight=1.0)
+    _fit(sn, [SandwichSampling(num_random=1), kd], steps=3)
+    resumed = InplaceDistillation(teacher="original", loss="mse", anchor_weight=1.0)
+    resumed.load_state_dict(kd.state_dict())
+    teacher = resumed.make_teacher(sn)  # built from the trained supernet, weights from the checkpoint state
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), original, atol=1e-5)
+        assert not torch.allclose(InplaceDistillation(teacher="original").make_teacher(sn)(x), original, atol=1e-4)

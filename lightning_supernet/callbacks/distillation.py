@@ -213,6 +213,7 @@ class InplaceDistillation(Callback):
         self._teacher_out: torch.Tensor | None = None
         self._handles: list[Any] = []
         self._supernet: SupernetModule | None = None
+        self._saved_teacher: dict[str, Any] | None = None
 
     # -- the frozen teacher and the feature hooks --------------------------------------------------------------
     @property
@@ -235,6 +236,8 @@ class InplaceDistillation(Callback):
             raise ArgumentError(f"InplaceDistillation needs a SupernetModule, got {type(supernet).__name__}")
         self.detach()
         self._supernet = supernet
+        if not self.features:
+            return
         for path in self.features:
             try:
                 mod = supernet.model.get_submodule(path)
@@ -262,6 +265,8 @@ class InplaceDistillation(Callback):
     def make_teacher(self, supernet: SupernetModule) -> nn.Module:
         """The frozen teacher: a standalone copy of the largest subnet (``supernet.extract``), no gradients, eval
         mode. Called at the first training batch for ``teacher="original"``; call it earlier to pin the teacher.
+        The teacher's weights are saved in the callback's checkpoint state, so a resumed run distils from the same
+        original (not from the supernet's trained weights).
 
         Example:
             >>> import torch, torch.nn.functional as F
@@ -274,6 +279,8 @@ class InplaceDistillation(Callback):
             (False, False)
         """
         teacher = supernet.extract(supernet.search_space.largest())
+        if self._saved_teacher is not None:  # resumed from a checkpoint: the original, not the trained weights
+            teacher.load_state_dict(self._saved_teacher)
         teacher.requires_grad_(False).eval()
         self.teacher_model = teacher
         return teacher
@@ -311,6 +318,16 @@ class InplaceDistillation(Callback):
                 h.remove()
         self._teacher_out = supernet.select_output(out).detach()
         return self._teacher_out
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.teacher == "original" and self.teacher_model is not None:
+            return {"teacher": {k: v.detach().cpu() for k, v in self.teacher_model.state_dict().items()}}
+        return {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_teacher = state_dict.get("teacher")
 
     # -- the plan ---------------------------------------------------------------------------------------------
     def supernet_plan(self, supernet: SupernetModule, plan: list[PlanItem], batch_idx: int) -> list[PlanItem]:
