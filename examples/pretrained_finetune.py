@@ -5,7 +5,8 @@ The example pre-trains its own model first (no downloads): a 6-block ``DigitsViT
 on scikit-learn's 8x8 digits. Then the recipe for pretrained models (README, "Fine-tune a pretrained model into a
 supernet"):
 
-1. ``prioritize(supernet, train_loader)`` — before ``fit``, no Trainer: Taylor importance on a few batches sorts
+1. ``SupernetModule(model, space=...)`` with widths and heads down to 50 % and at least 4 of the 6 blocks, then
+   ``prioritize(supernet, train_loader)`` — before ``fit``, no Trainer: Taylor importance on a few batches sorts
    channels, neurons and heads (the full model is unchanged), and the blocks are ranked by how much removing
    each one changes the output, so depth choices drop the least important first.
 2. ``Trainer(callbacks=pretrained_recipe(features=["net.norm"]))`` — the sandwich, every subnet distilled from a
@@ -78,7 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"pre-trained in {time.time() - t0:.0f} s: val acc {acc0:.3f}")
 
     # 1. the supernet, sorted by importance measured on data before training
-    supernet = SupernetModule(model, eval_subnets=("largest", "smallest"))
+    # a pretrained model's subnets stay close to it down to about half its widths/heads and 4 of its 6 blocks
+    space = {"width_ratios": [0.5, 0.75, 1.0], "head_ratios": [0.5, 0.75, 1.0], "min_depth": 4}
+    supernet = SupernetModule(model, space=space, eval_subnets=("largest", "smallest"))
     report = prioritize(supernet, dm.train_dataloader(), batches=4)
     print(f"prioritize: {len(report['permutations'])} groups sorted ({report['kind']}, loss: {report['signal']}); "
           f"blocks by importance: {sorted(report['blocks'], key=report['blocks'].get, reverse=True)}")

@@ -3,6 +3,7 @@ priority from data before training, and the pretrained recipe — on a small ViT
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import lightning as L
@@ -312,3 +313,28 @@ def test_the_original_teacher_travels_in_the_checkpoint_state():
     with torch.no_grad():
         assert torch.allclose(teacher(x), original, atol=1e-5)
         assert not torch.allclose(InplaceDistillation(teacher="original").make_teacher(sn)(x), original, atol=1e-4)
+
+
+# -- 5. the recipe ------------------------------------------------------------------------------------------------
+def test_recipe_keeps_the_largest_closer_to_the_original_than_the_defaults():
+    from lightning_supernet.callbacks import ParameterPrioritization
+    from lightning_supernet.importance import prioritize
+    from lightning_supernet.recipes import pretrained_recipe
+
+    model = _pretrained(depth=4, steps=80)
+    x = _digits(256)[0]
+    space = {"width_ratios": [0.5, 0.75, 1.0], "head_ratios": [0.5, 0.75, 1.0], "min_depth": 3}
+
+    def drift(recipe: bool) -> float:
+        sn = _supernet(copy.deepcopy(model), space=space, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+        if recipe:
+            prioritize(sn, _loader(), batches=2)
+            cbs = pretrained_recipe(features=["norm"])
+        else:
+            cbs = [ParameterPrioritization(), SandwichSampling(num_random=2), InplaceDistillation()]
+        _fit(sn, cbs, steps=15)
+        with torch.no_grad():
+            return 1 - F.cosine_similarity(sn.eval()(x), model(x), dim=-1).mean().item()
+
+    recipe, defaults = drift(True), drift(False)
+    assert recipe < 0.5 * defaults and recipe < 0.01, (recipe, defaults)
