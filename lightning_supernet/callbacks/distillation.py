@@ -208,6 +208,7 @@ class InplaceDistillation(Callback):
         self.teacher_model: nn.Module | None = teacher if isinstance(teacher, nn.Module) else None
         self._warned = False
         self._warned_kl: set[str] = set()
+        self._kl_checks: dict[str, int] = {}
         self._student_feats: dict[str, torch.Tensor] = {}
         self._teacher_feats: dict[str, torch.Tensor] = {}
         self._teacher_out: torch.Tensor | None = None
@@ -394,9 +395,12 @@ class InplaceDistillation(Callback):
         return [n[: -len(".keep")] for n, d in sn.search_space.dims.items() if d.kind == "depth" and not cfg[n]]
 
     def _check_logits(self, teacher: torch.Tensor, what: str) -> None:
-        """Warn once when ``kl`` is used on something that is not logits (KL barely responds there)."""
-        if what in self._warned_kl:
+        """Warn once when ``kl`` is used on something that is not logits (KL barely responds there); looks at the
+        first few calls per term only."""
+        checks = self._kl_checks.get(what, 0)
+        if what in self._warned_kl or checks >= 8:
             return
+        self._kl_checks[what] = checks + 1
         rows = teacher.detach().float().reshape(-1, teacher.shape[-1])
         unit = bool(((rows.norm(dim=-1) - 1).abs() < 1e-3).all())
         flat = float(rows.std(dim=-1).mean()) < 0.05
