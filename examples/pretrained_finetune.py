@@ -60,7 +60,7 @@ def trainer(epochs: int, accelerator: str, **kw) -> L.Trainer:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pretrain-epochs", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=4, help="supernet fine-tuning epochs (23 steps each)")
+    p.add_argument("--epochs", type=int, default=8, help="supernet fine-tuning epochs (23 steps each)")
     p.add_argument("--trials", type=int, default=12)
     p.add_argument("--max-params", type=float, default=0.6, help="size constraint, a fraction of the original")
     p.add_argument("--accelerator", default="cpu")
