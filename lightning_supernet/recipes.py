@@ -49,8 +49,8 @@ def pretrained_recipe(loss: str = "kl", features: Sequence[str] | Mapping[str, A
             norm's output (residual stream, full width): ``["norm"]`` or ``["encoder.layer.5.output"]``.
         anchor_weight: weight of the largest's distillation toward the original; ``None``: as many as the
             students of a step (``num_random + 1``), so that the anchor balances the students' pull on the shared
-            weights (on the benchmark model, 100 steps: largest's embedding cosine to the original 0.990 with
-            weight 1, 0.995 with 3; benchmarks/RESULTS.md, issue 13).
+            weights (tuning runs on the benchmark's model, 100 steps, Adam lr 3e-4: the largest's embedding
+            cosine to the original 0.990 with weight 1, 0.994 with 3; benchmarks/RESULTS.md, issue 13).
         largest_task_weight, student_task_weight, temperature, output_transform: as in ``InplaceDistillation``.
         num_random, sampler, seed: as in ``SandwichSampling``.
         feature_loss_kind: loss of the feature terms (``"cosine"`` by default: scale-free).
