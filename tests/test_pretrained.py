@@ -338,3 +338,17 @@ def test_recipe_keeps_the_largest_closer_to_the_original_than_the_defaults():
 
     recipe, defaults = drift(True), drift(False)
     assert recipe < 0.5 * defaults and recipe < 0.01, (recipe, defaults)
+
+
+@pytest.mark.slow
+def test_pretrained_finetune_example_runs_end_to_end(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "pretrained_finetune.py"
+    spec = importlib.util.spec_from_file_location("pretrained_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    res = example.main(["--pretrain-epochs", "2", "--epochs", "1", "--trials", "3", "--out-dir", str(tmp_path)])
+    assert set(res) == {"largest", "50% MLP", "smallest", "original", "exported"}
+    assert (tmp_path / "subnet.pt").exists() and 0 <= res["exported"] <= 1
