@@ -178,6 +178,9 @@ def test_kl_on_embeddings_warns_and_cosine_responds():
     assert feature_loss(a, a, "kl").abs().item() < 1e-6
     with pytest.raises(InvalidArgumentError, match="features"):
         InplaceDistillation(features={"blocks.1": {"loss": "l1"}})
+    sn = _supernet(_pretrained(depth=2, steps=0))
+    with pytest.raises(InvalidArgumentError, match="`blocks.9`"):
+        InplaceDistillation(features=["blocks.9"])._attach(sn)
 
 
 # -- 3. importance before training, from data --------------------------------------------------------------------
