@@ -325,6 +325,8 @@ class SearchSpace:
         text = repr([(d.name, d.kind, d.choices) for d in dims]) + repr(sorted(self.stacks.items()))
         self.fingerprint = hashlib.sha1(text.encode()).hexdigest()[:16]
         self._stack_blocks: dict[str, list[str]] = {}
+        #: keep-dim -> importance (higher: dropped later); set by :meth:`set_block_priority`, empty: model order
+        self.block_priority: dict[str, float] = {}
         for d in dims:
             if d.kind == "depth":
                 self._stack_blocks.setdefault(d.stack, []).append(d.name)
@@ -342,16 +344,39 @@ class SearchSpace:
         """
         return self._make({n: d.largest for n, d in self.dims.items()})
 
+    def set_block_priority(self, scores: Mapping[str, float]) -> None:
+        """Rank skippable blocks: depth choices (:meth:`smallest`, :meth:`middle`, :meth:`repair`) keep the
+        highest-scored blocks and drop the lowest first; unscored blocks rank after scored ones, in model order.
+
+        Example:
+            >>> s = SearchSpace([Dim(f"b.{i}.keep", "depth", (True, False), stack="b") for i in range(4)],
+            ...                 stacks={"b": (4, 2)})
+            >>> s.set_block_priority({"b.0.keep": 0.1, "b.1.keep": 0.9, "b.2.keep": 0.05, "b.3.keep": 0.5})
+            >>> [n for n, v in s.smallest().items() if v]
+            ['b.1.keep', 'b.3.keep']
+        """
+        unknown = [n for n in scores if n not in self.dims or self.dims[n].kind != "depth"]
+        if unknown:
+            raise SearchSpaceError(f"block priority names `{unknown[0]}`, which is no depth dim of this space; "
+                                   f"depth dims are e.g. {_some({n: 0 for s in self._stack_blocks.values() for n in s})}")
+        self.block_priority = {n: float(v) for n, v in scores.items()}
+
+    def _by_priority(self, stack: str) -> list[str]:
+        """The stack's keep-dims, most important first (model order without a priority)."""
+        names = self._stack_blocks[stack]
+        return sorted(names, key=lambda n: -self.block_priority.get(n, -math.inf))
+
     def smallest(self) -> SubnetConfig:
-        """Every width and head count at its minimum; each stack keeps its first ``min`` skippable blocks.
+        """Every width and head count at its minimum; each stack keeps its ``min`` most important skippable
+        blocks (:meth:`set_block_priority`; by default the first ones).
 
         Example:
             >>> SearchSpace([Dim("w", "width", (4, 8))]).smallest()["w"]
             4
         """
         values = {n: d.smallest for n, d in self.dims.items()}
-        for stack, names in self._stack_blocks.items():
-            for name in names[: self._min_skippable_kept(stack)]:
+        for stack in self._stack_blocks:
+            for name in self._by_priority(stack)[: self._min_skippable_kept(stack)]:
                 values[name] = True
         return self._make(values)
 
@@ -366,7 +391,7 @@ class SearchSpace:
         values = {n: sorted(d.choices)[(len(d.choices) - 1) // 2] for n, d in self.dims.items() if d.kind != "depth"}
         for stack, names in self._stack_blocks.items():
             keep = math.ceil((self._min_skippable_kept(stack) + len(names)) / 2)
-            values.update({n: i < keep for i, n in enumerate(names)})
+            values.update({n: i < keep for i, n in enumerate(self._by_priority(stack))})
         return self._make(values)
 
     def config(self, values: Mapping[str, Any] | None = None, **kwargs: Any) -> SubnetConfig:
@@ -383,6 +408,8 @@ class SearchSpace:
 
     def sample(self, generator: torch.Generator | int | None = None) -> SubnetConfig:
         """A random valid config: uniform widths/heads, each block kept with ``keep_prob``, min depth repaired.
+        With a block priority (:meth:`set_block_priority`) the number of kept blocks is drawn the same way, and the
+        most important ones are kept (depths are nested: a shallower subnet drops the least important first).
 
         Args:
             generator: a ``torch.Generator``, a seed, or ``None`` for a fresh OS-seeded generator (the global RNG
@@ -400,13 +427,19 @@ class SearchSpace:
                 values[name] = bool(torch.rand((), generator=gen).item() < self.keep_prob)
             else:
                 values[name] = d.choices[int(torch.randint(len(d.choices), (), generator=gen))]
+        if self.block_priority:  # ranked blocks: as many kept as drawn, but the most important ones (nested depths)
+            for stack in self._stack_blocks:
+                ranked = self._by_priority(stack)
+                kept = max(sum(values[n] for n in ranked), self._min_skippable_kept(stack))
+                values.update({n: i < kept for i, n in enumerate(ranked)})
         return self.repair(values, gen)
 
     def repair(self, values: Mapping[str, Any], generator: torch.Generator | int | None = None) -> SubnetConfig:
         """Turn a config whose stacks keep too few blocks into a valid one: the one place of the min-depth rule.
 
-        Each stack below its minimum depth gets back skipped blocks: the earliest ones in model order, or random
-        ones drawn from ``generator`` when one is given. The result is validated.
+        Each stack below its minimum depth gets back skipped blocks: the most important ones
+        (:meth:`set_block_priority`; the earliest in model order by default), or random ones drawn from
+        ``generator`` when one is given. The result is validated.
 
         Example:
             >>> s = SearchSpace([Dim(f"b.{i}.keep", "depth", (True, False), stack="b") for i in range(12)],
@@ -418,7 +451,7 @@ class SearchSpace:
         gen = None if generator is None else _generator(generator)
         for stack, names in self._stack_blocks.items():
             need = self._min_skippable_kept(stack) - sum(bool(values.get(n, True)) for n in names)
-            skipped = [n for n in names if not values.get(n, True)]
+            skipped = [n for n in self._by_priority(stack) if not values.get(n, True)]
             if need <= 0:
                 continue
             picks = range(need) if gen is None else torch.randperm(len(skipped), generator=gen)[:need].tolist()

@@ -44,6 +44,9 @@ class PlanItem:
         teacher: this subnet's detached outputs become the soft targets of the later ones.
         distill_fn: ``distill_fn(student_output, teacher_output) -> loss``.
         balance: scale the distillation term to the task loss's magnitude (AmoebaLLM).
+        own_teacher: ``distill_fn`` brings its own targets (e.g. a frozen copy of the original model): it is
+            called, with ``None`` as the teacher output when no plan entry taught yet, whenever ``distill_weight``
+            is set — the largest subnet included.
 
     Example:
         >>> PlanItem("smallest", None, task_weight=0.0, distill_weight=1.0).name
@@ -57,6 +60,7 @@ class PlanItem:
     teacher: bool = False
     distill_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     balance: bool = False
+    own_teacher: bool = False
 
     def with_(self, **changes: Any) -> PlanItem:
         """A copy with some fields changed."""
@@ -125,9 +129,10 @@ class StepLoopMixin:
                     self._log_as(item.name, i == 0, "train", recorded):
                 task = self._task_loss(batch, batch_idx)
                 loss = task * item.task_weight if item.task_weight else task.new_zeros(())
-                if item.teacher or (item.distill_weight and teacher is not None):
+                distil = bool(item.distill_weight) and (teacher is not None or item.own_teacher)
+                if item.teacher or distil:
                     output = self.select_output(captured.output(self, item))
-                    if item.distill_weight and teacher is not None:
+                    if distil:
                         kd = item.distill_fn(output, teacher)
                         if item.balance:
                             kd = kd * (task.detach() / kd.detach().clamp_min(1e-12))
