@@ -146,11 +146,13 @@ class SupernetCLI(LightningCLI):
         self.config = parser.parse_object(args) if isinstance(args, dict) else parser.parse_args(args)
 
     def _parse_ckpt_path(self) -> None:
+        """Check the checkpoint loads safely (a clear error naming the file otherwise). LightningCLI would also
+        merge the checkpoint's hyper-parameters into ``model``: here they are the ``SupernetModule``'s (the wrapped
+        model, loss, space), not the config's model's arguments, so the config keeps describing the model."""
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and ckpt not in ("last", "best", "hpc", "registry") and not str(ckpt).startswith("registry:"):
             load_checkpoint(ckpt, "a Lightning checkpoint (a dict with 'state_dict', written by ModelCheckpoint)")
-        super()._parse_ckpt_path()
 
     # -- objects ----------------------------------------------------------------------------------------------
     def _opt(self, key: str) -> Any:

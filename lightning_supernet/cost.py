@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
@@ -123,7 +124,7 @@ def measure_latency(model: nn.Module, example: Any, *, device: str | torch.devic
     home = model_device(model)
     device = torch.device(device) if device is not None else home
     model.to(device)
-    example = _to(example, device)
+    example = move_data_to_device(example, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else _null()
     times = []
@@ -150,11 +151,3 @@ class _null:
         return False
 
 
-def _to(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    if isinstance(obj, tuple):
-        return tuple(_to(v, device) for v in obj)
-    return obj

@@ -24,9 +24,11 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from lightning_supernet.errors import InvalidArgumentError
+from lightning_supernet.ir.graph import call_model
 from lightning_supernet.ops import op_for
 
 if TYPE_CHECKING:
@@ -281,10 +283,7 @@ def activation_importance(supernet: SupernetModule, batches: Iterable[Any]) -> d
     try:
         with torch.no_grad(), supernet._using(supernet.search_space.largest()):
             for batch in batches:
-                from lightning_supernet.cost import _to
-                from lightning_supernet.ir.graph import call_model
-
-                call_model(model, _to(supernet.batch_to_input(batch), supernet.device))
+                call_model(model, move_data_to_device(supernet.batch_to_input(batch), supernet.device))
     finally:
         for h in handles:
             h.remove()

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from typing_extensions import override
 
 from lightning_supernet.errors import InvalidArgumentError
-from lightning_supernet.cost import _to
 from lightning_supernet.ir.graph import call_model
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def recalibrate_bn(supernet: SupernetModule, batches: Iterable[Any], num_batches
             m.train()
         with torch.no_grad():
             for batch in itertools.islice(batches, num_batches):
-                call_model(supernet.model, _to(supernet.batch_to_input(batch), supernet.device))
+                call_model(supernet.model, move_data_to_device(supernet.batch_to_input(batch), supernet.device))
                 used += 1
     finally:
         for m, mode in modes.items():

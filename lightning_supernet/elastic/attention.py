@@ -233,7 +233,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         >>> from lightning_supernet.elastic.registry import make_elastic, restore
         >>> mha = nn.MultiheadAttention(8, 4, batch_first=True).eval(); x = torch.randn(2, 3, 8)
         >>> make_elastic(mha, ElasticMultiheadAttention); HeadSetter(mha, "", _spec(mha))(2)
-        >>> small = copy.deepcopy(mha); small.out_proj.export_(); small.export_(); restore(small.out_proj)
+        >>> small = copy.deepcopy(mha); _ = small.out_proj.export_(); _ = small.export_(); restore(small.out_proj)
         >>> restore(small); small.__class__ = PrunedMultiheadAttention
         >>> torch.allclose(small(x, x, x)[0], mha(x, x, x)[0], atol=1e-6), small.in_proj_weight.shape
         (True, torch.Size([12, 8]))
