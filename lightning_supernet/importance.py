@@ -101,8 +101,8 @@ def task_signal(supernet: SupernetModule, batch: Any) -> tuple[float, float]:
         True
     """
     params = [p for p in supernet.model.parameters() if p.requires_grad]
-    with torch.enable_grad(), supernet._using(supernet.search_space.largest()), \
-            supernet._log_as("importance", False, "train"):
+    with torch.enable_grad(), supernet.subnet(supernet.search_space.largest()), \
+            supernet.log_as("importance", False, "train"):
         loss = supernet._task_loss(batch, 0)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
@@ -154,12 +154,12 @@ def block_importance(supernet: SupernetModule, batches: Iterable[Any]) -> dict[s
     supernet.model.eval()
     try:
         with torch.no_grad():
-            with supernet._using(space.largest()):
+            with supernet.subnet(space.largest()):
                 ref = [_output(supernet, b).float() for b in batches]
             norm = sum(float(r.pow(2).sum()) for r in ref) or 1.0
             scores = {}
             for name in names:
-                with supernet._using(space.config({name: False})):
+                with supernet.subnet(space.config({name: False})):
                     err = sum(float((_output(supernet, b).float() - r).pow(2).sum()) for b, r in zip(batches, ref))
                 scores[name] = err / norm
     finally:

@@ -249,7 +249,7 @@ def taylor_importance(supernet: SupernetModule, batches: Iterable[Any],
     for p in params:
         p.grad = None
     try:
-        with supernet._using(supernet.search_space.largest()), supernet._log_as("taylor", False, "train"):
+        with supernet.subnet(supernet.search_space.largest()), supernet.log_as("taylor", False, "train"):
             for i, batch in enumerate(batches):
                 (supernet._task_loss(batch, i) if loss is None else loss(supernet, batch, i)).backward()
 
@@ -281,7 +281,7 @@ def activation_importance(supernet: SupernetModule, batches: Iterable[Any]) -> d
 
             handles.append(mod.register_forward_hook(hook))
     try:
-        with torch.no_grad(), supernet._using(supernet.search_space.largest()):
+        with torch.no_grad(), supernet.subnet(supernet.search_space.largest()):
             for batch in batches:
                 call_model(model, move_data_to_device(supernet.batch_to_input(batch), supernet.device))
     finally:

@@ -126,7 +126,7 @@ class StepLoopMixin:
             item = plan[i]
             sync = fork is None and boundary and pos == len(mine) - 1
             with self._using(item.config), self._capture() as captured, \
-                    self._log_as(item.name, i == 0, "train", recorded):
+                    self.log_as(item.name, i == 0, "train", recorded):
                 task = self._task_loss(batch, batch_idx)
                 loss = task * item.task_weight if item.task_weight else task.new_zeros(())
                 distil = bool(item.distill_weight) and (teacher is not None or item.own_teacher)
@@ -185,7 +185,7 @@ class StepLoopMixin:
         if first in mine or not any(plan[i].distill_weight for i in mine):
             return None
         with torch.no_grad(), self._using(plan[first].config), self._capture() as captured, \
-                self._log_as("teacher", False, "train"):
+                self.log_as("teacher", False, "train"):
             self._task_loss(batch, batch_idx)
         return self.select_output(captured.output(self, plan[first])).detach()
 
@@ -276,7 +276,7 @@ class StepLoopMixin:
         configs = self.eval_configs()
         result = None
         for i, (name, cfg) in enumerate(configs.items()):
-            with self._using(cfg), self._log_as(name, i == 0, "val" if hook == "validation_step" else "test"), \
+            with self._using(cfg), self.log_as(name, i == 0, "val" if hook == "validation_step" else "test"), \
                     self._metrics_of(name, i == 0), self._eval_hooks(name, cfg):
                 if self._inner_lm is not None:
                     out = self._inner(hook, batch, batch_idx, *args)
@@ -338,10 +338,20 @@ class StepLoopMixin:
                 _set_module(self.model, path, original)
 
     @contextlib.contextmanager
-    def _log_as(self, name: str, plain: bool, stage: str, record: list[Any] | None = None) -> Iterator[None]:
+    def log_as(self, name: str, plain: bool, stage: str, record: list[Any] | None = None) -> Iterator[None]:
         """Route the wrapped module's ``self.log`` calls: the first subnet keeps the user's names (and also
         logs ``<stage>/<metric>/<name>``); the others log ``<stage>/<metric>/<name>`` only. With ``record`` (a
-        list), the first subnet's tensor logs are appended to it as ``(key, value, args, kwargs)`` instead."""
+        list), the first subnet's tensor logs are appended to it as ``(key, value, args, kwargs)`` instead.
+
+        Example:
+            >>> import torch, torch.nn.functional as F
+            >>> from lightning_supernet import SupernetModule
+            >>> from lightning_supernet.models import TinyViT
+            >>> sn = SupernetModule(TinyViT(dim=16, depth=2, num_heads=2), F.cross_entropy,
+            ...                     example_input=torch.randn(1, 1, 8, 8))
+            >>> with sn.log_as("smallest", False, "val"):  # a plain model: nothing to route
+            ...     pass
+        """
         inner = self._inner_lm
         if inner is None or name == "active":
             yield

@@ -108,7 +108,7 @@ class SandwichSampling(Callback):
 
         key = supernet.search_space.canonical(cfg)
         if key not in self._size_cache:
-            with supernet._using(cfg):
+            with supernet.subnet(cfg):
                 self._size_cache[key] = active_params(supernet.model)
         return self._size_cache[key]
 

@@ -282,7 +282,7 @@ def run_search(search: SubnetSearch, n_trials: int | None, *, n_jobs: int = 1, t
         search._total = None if total_trials is None else TotalTrials(total_trials)
         n_trials = trials_left(search.study, n_trials, total_trials)
         if n_trials and n_jobs == 1:
-            search._optimize(n_trials, timeout, show_progress_bar)
+            search.run_trials(n_trials, timeout, show_progress_bar)
         elif n_trials:
             run_forked(search, n_trials, n_jobs, timeout)
     except BaseException:
@@ -319,7 +319,7 @@ def run_forked(search: SubnetSearch, n_trials: int, n_jobs: int, timeout: float 
     waiting = search.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
     if waiting:
         first = min(len(waiting), n_trials)
-        search._optimize(first, timeout, show_progress_bar=False)
+        search.run_trials(first, timeout, show_progress_bar=False)
         n_trials -= first
     if n_trials <= 0:
         return
@@ -347,7 +347,7 @@ def _worker(search: SubnetSearch, index: int, n_trials: int, timeout: float | No
     if sampler is search.sampler_spec and hasattr(sampler, "reseed_rng"):
         sampler.reseed_rng()
     search.study = optuna.load_study(study_name=search.study_name, storage=search.study._storage, sampler=sampler)
-    search._optimize(n_trials, timeout, show_progress_bar=False)
+    search.run_trials(n_trials, timeout, show_progress_bar=False)
 
 
 def val_loaders(search: SubnetSearch) -> Any:

@@ -410,7 +410,12 @@ class SubnetSearch:
         return run_search(self, n_trials, n_jobs=n_jobs, timeout=timeout, show_progress_bar=show_progress_bar,
                           total_trials=total_trials)
 
-    def _optimize(self, n_trials: int, timeout: float | None, show_progress_bar: bool) -> None:
+    def run_trials(self, n_trials: int, timeout: float | None, show_progress_bar: bool) -> None:
+        """Run ``n_trials`` trials of this process on the study (no resume bookkeeping: :meth:`run` does that).
+
+        Example:
+            >>> SubnetSearch(supernet, dm, storage=None).run_trials(4, None, False)  # doctest: +SKIP
+        """
         callbacks = [self._after_trial] + ([self._total] if getattr(self, "_total", None) else [])
         self.study.optimize(self._objective, n_trials=n_trials, timeout=timeout, catch=self.catch,
                             callbacks=callbacks, show_progress_bar=show_progress_bar, gc_after_trial=False)

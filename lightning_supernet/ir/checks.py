@@ -43,7 +43,7 @@ def check_config(space: SearchSpace, cfg: SubnetConfig) -> None:
     for stack, (length, _) in space.stacks.items():
         names = space.stack_blocks(stack)
         kept = length - len(names) + sum(bool(cfg[n]) for n in names)
-        need = length - len(names) + space._min_skippable_kept(stack)
+        need = length - len(names) + space.min_skippable_kept(stack)
         if kept < need:
             raise SearchSpaceError(
                 f"stack `{stack}` keeps {kept} of {length} blocks; it must keep at least {need} (connectivity)"
