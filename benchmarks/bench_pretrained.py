@@ -181,7 +181,9 @@ def variant(name: str, original: TinyViT, train: TensorDataset, ref: Ref, args) 
         kind = "magnitude" if name == "recipe magnitude" else "taylor"  # taylor: on the output's sensitivity
         prioritize(sn, loader(train, 7), kind=kind, batches=4, depth=name != "recipe model-order depth")
         feats = None if name == "recipe no feature KD" else FEATURES
-        cbs = pretrained_recipe(features=feats)
+        if name == "recipe feature weight 1":
+            feats = {path: 1.0 for path in FEATURES}
+        cbs = pretrained_recipe(features=feats, num_random=4 if name == "recipe 4 random" else 2)
         if name == "recipe teacher=largest":
             cbs[1] = InplaceDistillation(teacher="largest", student_task_weight=0.0, largest_task_weight=1.0,
                                          features=feats, feature_loss_kind="cosine")
@@ -245,7 +247,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default="defaults,recipe,recipe teacher=largest,recipe no feature KD,"
-                                         "recipe magnitude,recipe model-order depth")
+                                         "recipe magnitude,recipe model-order depth,recipe feature weight 1")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
