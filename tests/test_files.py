@@ -161,3 +161,23 @@ def test_hf_load_subnet_reports_damaged_files(hf_subnet, tmp_path, file, how, me
         _damage(copy / file, how)
     with pytest.raises(SubnetFormatError, match=message):
         load_subnet(copy)
+
+
+def test_hf_save_subnet_failing_midway_keeps_the_previous_config(hf_subnet, tmp_path, monkeypatch):
+    """A config write that fails midway (transformers' own ``save_pretrained`` opens, truncates, then serialises)
+    leaves the previous ``config.json`` whole and no temporary file behind."""
+    from lightning_supernet.integrations.transformers import load_subnet, save_subnet
+
+    src, small, ids = hf_subnet
+    copy = _copy(src, tmp_path / "copy")
+    before = {f.name: f.read_bytes() for f in copy.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(small.config), "to_json_string", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_subnet(small, copy)
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == before
+    torch.testing.assert_close(load_subnet(copy)(input_ids=ids).logits, small(input_ids=ids).logits)

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lightning_supernet.files import atomic_write
 from lightning_supernet.integrations._hf_config import (
     describe_issue,
     extracted_path,
@@ -444,7 +445,8 @@ def save_subnet(model: nn.Module, path: str | os.PathLike) -> None:
         raise TypeError(f"`model` must be a transformers PreTrainedModel, got `{type(model).__name__}`. HINT: for a "
                         "LightningModule that holds one, pass that attribute (e.g. `small.model`)")
     os.makedirs(path, exist_ok=True)
-    model.config.save_pretrained(path)
+    with atomic_write(os.path.join(path, "config.json"), "w") as f:  # a full disk leaves no partial config
+        f.write(model.config.to_json_string(use_diff=True))
     layout = layout_diff(model, _meta_build(type(model), copy.deepcopy(model.config)))
     builder = {"kind": "transformers", "class": _class_path(type(model)),
                "format_issue": getattr(model, "supernet_format_issue", None)}
