@@ -31,7 +31,16 @@ __all__ = ["build_space", "candidate_dims", "elastic_module", "make_appliers"]
 
 
 def candidate_dims(found: Discovery) -> list[Dim]:
-    """Every dim discovery found, before ``space=`` options select and size them."""
+    """Every dim discovery found, before ``space=`` options select and size them.
+
+    Example:
+        >>> import torch
+        >>> from lightning_supernet.ir.discover import discover
+        >>> from lightning_supernet.ir.graph import trace
+        >>> mlp = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> [(d.name, d.kind, d.choices) for d in candidate_dims(discover(mlp, trace(mlp, torch.randn(2, 4))))]
+        [('0.width', 'width', (16,))]
+    """
     dims = [Dim(b.name, "depth", (True, False), stack=b.stack) for b in found.blocks]
     dims += [Dim(h.name, "heads", (h.spec.num_heads,), block=h.block) for h in found.heads]
     dims += [Dim(w.name, "width", (w.size,), block=w.block) for w in found.widths]
@@ -48,7 +57,17 @@ def _ratios_to_choices(full: int, ratios: tuple[float, ...], step: int) -> tuple
 
 
 def build_space(found: Discovery, opts: SpaceOptions) -> SearchSpace:
-    """The search space of a discovery under ``opts`` (choices from ratios or explicit lists)."""
+    """The search space of a discovery under ``opts`` (choices from ratios or explicit lists).
+
+    Example:
+        >>> import torch
+        >>> from lightning_supernet.ir.discover import discover
+        >>> from lightning_supernet.ir.graph import trace
+        >>> mlp = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> found = discover(mlp, trace(mlp, torch.randn(2, 4)))
+        >>> build_space(found, SpaceOptions(width_ratios=(0.5, 1.0), round_to=4)).dims["0.width"].choices
+        (16, 8)
+    """
     dims: list[Dim] = []
     order: list[tuple[str, Dim]] = []
     for h in found.heads:
@@ -157,6 +176,16 @@ def make_appliers(model: nn.Module, found: Discovery, space: SearchSpace) -> dic
     Modules whose own ``forward`` reads their children's weights on a fused fast path (``nn.TransformerEncoderLayer``
     and friends, :data:`~lightning_supernet.elastic.fastpath.FAST_PATH_TYPES`) and hold an elastic dim get a guard
     that keeps them on their sliceable path.
+
+    Example:
+        >>> import torch
+        >>> from lightning_supernet.ir.discover import discover
+        >>> from lightning_supernet.ir.graph import trace
+        >>> mlp = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> found = discover(mlp, trace(mlp, torch.randn(2, 4)))
+        >>> apply = make_appliers(mlp, found, build_space(found, SpaceOptions(width_ratios=(0.5, 1.0))))
+        >>> apply["0.width"](8); mlp(torch.randn(2, 4)).shape, mlp[0].active_out_features
+        (torch.Size([2, 4]), 8)
     """
     appliers: dict[str, Callable[[Any], None]] = {}
     for w in found.widths:

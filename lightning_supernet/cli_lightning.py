@@ -70,7 +70,14 @@ class SaveConfigBesideRun(SaveConfigCallback):
 
 
 def config_dir(trainer: Trainer) -> str:
-    """Where :class:`SaveConfigBesideRun` writes ``config.yaml`` for this trainer."""
+    """Where :class:`SaveConfigBesideRun` writes ``config.yaml`` for this trainer.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> config_dir(Trainer(default_root_dir=d, logger=False)) == d
+        True
+    """
     return trainer.log_dir or trainer.default_root_dir
 
 

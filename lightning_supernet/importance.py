@@ -103,7 +103,7 @@ def task_signal(supernet: SupernetModule, batch: Any) -> tuple[float, float]:
     params = [p for p in supernet.model.parameters() if p.requires_grad]
     with torch.enable_grad(), supernet.subnet(supernet.search_space.largest()), \
             supernet.log_as("importance", False, "train"):
-        loss = supernet._task_loss(batch, 0)
+        loss = supernet.task_loss(batch, 0)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     gnorm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads if g is not None))
     pnorm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in params)) or 1.0
@@ -248,5 +248,5 @@ def prioritize(supernet: SupernetModule, dataloader: Iterable[Any], kind: str = 
         blocks = block_importance(supernet, data)
         supernet.search_space.set_block_priority(blocks)
         # validation's named subnets ("smallest", "middle") follow the new ranking
-        supernet._eval_subnet_configs = supernet._resolve_eval_subnets(supernet.eval_subnets)
+        supernet.refresh_eval_subnets()
     return {"kind": kind, "permutations": perms, "blocks": blocks, "signal": signal}

@@ -24,7 +24,13 @@ __all__ = ["LifecycleMixin"]
 
 
 class LifecycleMixin:
-    """Trainer-flag takeover and module-replacement refresh of ``SupernetModule`` (see the module docstring)."""
+    """Trainer-flag takeover and module-replacement refresh of ``SupernetModule`` (see the module docstring).
+
+    Example:
+        >>> from lightning_supernet import SupernetModule
+        >>> issubclass(SupernetModule, LifecycleMixin)
+        True
+    """
 
     def configure_callbacks(self) -> Any:
         """Take the Trainer's ``gradient_clip_val`` / ``accumulate_grad_batches`` (Lightning refuses them under

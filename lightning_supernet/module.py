@@ -315,9 +315,21 @@ class SupernetModule(StepLoopMixin, LifecycleMixin, pl.LightningModule):
     def _capture(self) -> Any:
         return capture_outputs(self.model)
 
+    def refresh_eval_subnets(self) -> dict[str, SubnetConfig]:
+        """Re-resolve the named evaluation subnets after the block ranking changed (``set_block_priority``).
+
+        Example:
+            >>> from lightning_supernet.models import TinyViT
+            >>> sn = SupernetModule(TinyViT(dim=16, depth=2, num_heads=2), torch.nn.functional.cross_entropy,
+            ...                     example_input=torch.randn(1, 1, 8, 8), eval_subnets=["largest", "smallest"])
+            >>> sorted(sn.refresh_eval_subnets())
+            ['largest', 'smallest']
+        """
+        self._eval_subnet_configs = configs = self._resolve_eval_subnets(self.eval_subnets)
+        return dict(configs)
+
     def _resolve_eval_subnets(self, eval_subnets: Any) -> dict[str, SubnetConfig]:
-        named = {"largest": self.search_space.largest, "smallest": self.search_space.smallest,
-                 "middle": self.search_space.middle}
+        named = {n: getattr(self.search_space, n) for n in ("largest", "smallest", "middle")}
         if eval_subnets is None:
             return {}
         items = eval_subnets.items() if isinstance(eval_subnets, Mapping) else [(e, e) for e in eval_subnets]
@@ -325,8 +337,8 @@ class SupernetModule(StepLoopMixin, LifecycleMixin, pl.LightningModule):
         for name, value in items:
             if isinstance(value, str):
                 if value not in named:
-                    raise InvalidArgumentError(f"`eval_subnets` has {value!r}; allowed names: largest, smallest, middle, "
-                                     "or a {name: config} mapping")
+                    raise InvalidArgumentError(f"`eval_subnets` has {value!r}; allowed names: largest, smallest, "
+                                               "middle, or a {name: config} mapping")
                 out[name] = named[value]()
             else:
                 out[str(name)] = self.search_space.validate(value)

@@ -68,7 +68,13 @@ class PlanItem:
 
 
 class StepLoopMixin:
-    """Training and validation behaviour of ``SupernetModule`` (see the module docstring)."""
+    """Training and validation behaviour of ``SupernetModule`` (see the module docstring).
+
+    Example:
+        >>> from lightning_supernet import SupernetModule
+        >>> issubclass(SupernetModule, StepLoopMixin)
+        True
+    """
 
     # set by SupernetModule.__init__
     gradient_clip_val: float | None
@@ -127,7 +133,7 @@ class StepLoopMixin:
             sync = fork is None and boundary and pos == len(mine) - 1
             with self._using(item.config), self._capture() as captured, \
                     self.log_as(item.name, i == 0, "train", recorded):
-                task = self._task_loss(batch, batch_idx)
+                task = self.task_loss(batch, batch_idx)
                 loss = task * item.task_weight if item.task_weight else task.new_zeros(())
                 distil = bool(item.distill_weight) and (teacher is not None or item.own_teacher)
                 if item.teacher or distil:
@@ -186,10 +192,22 @@ class StepLoopMixin:
             return None
         with torch.no_grad(), self._using(plan[first].config), self._capture() as captured, \
                 self.log_as("teacher", False, "train"):
-            self._task_loss(batch, batch_idx)
+            self.task_loss(batch, batch_idx)
         return self.select_output(captured.output(self, plan[first])).detach()
 
-    def _task_loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def task_loss(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """The task loss of the active subnet on ``batch``: the wrapped module's ``training_step`` (its ``self.log``
+        calls go where :meth:`log_as` routes them), or ``loss_fn(model(x), y)`` for a plain model.
+
+        Example:
+            >>> import torch, torch.nn.functional as F
+            >>> from lightning_supernet import SupernetModule
+            >>> from lightning_supernet.models import TinyViT
+            >>> sn = SupernetModule(TinyViT(dim=16, depth=2, num_heads=2), F.cross_entropy,
+            ...                     example_input=torch.randn(1, 1, 8, 8))
+            >>> sn.task_loss((torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])), 0).shape
+            torch.Size([])
+        """
         if self._inner_lm is None:
             return self._plain_loss(batch)
         out = self._inner("training_step", batch, batch_idx)

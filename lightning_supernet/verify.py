@@ -231,6 +231,15 @@ def verify_supernet(supernet: SupernetModule) -> dict[str, str]:
     Raises:
         UnsupportedModelError: the model gives another answer without autograd in a module that holds no
             elastic dim of its own (nothing can be left fixed to repair it).
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> from lightning_supernet import SupernetModule
+        >>> from lightning_supernet.models import TinyViT
+        >>> sn = SupernetModule(TinyViT(dim=16, depth=2, num_heads=2), F.cross_entropy,
+        ...                     example_input=torch.randn(1, 1, 8, 8))  # verified once at construction
+        >>> verify_supernet(sn)  # every dim of this model slices correctly: nothing to leave fixed
+        {}
     """
     space = supernet.search_space
     from lightning.fabric.utilities.apply_func import move_data_to_device

@@ -278,7 +278,7 @@ def test_block_priority_drops_a_nearly_identity_block_first():
     ranked = sorted(scores, key=scores.get, reverse=True)
     assert not smallest["blocks.1.keep"] and not middle["blocks.1.keep"]
     assert [n for n, v in smallest.items() if n.endswith(".keep") and v] == sorted(ranked[:2])  # model order
-    assert sn._eval_subnet_configs["smallest"] == smallest
+    assert sn.eval_configs()["smallest"] == smallest
     x = _digits(16)[0]
     small = sn.extract(smallest)
     with torch.no_grad(), sn.subnet(smallest):

@@ -46,7 +46,14 @@ def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_bn_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy a :func:`bn_state` back in place."""
+    """Copy a :func:`bn_state` back in place.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(2); saved = bn_state(bn)
+        >>> _ = bn.train()(torch.randn(8, 2) + 5)  # the running mean moves
+        >>> load_bn_state(bn, saved); bn.running_mean.tolist()
+        [0.0, 0.0]
+    """
     for p, m in model.named_modules():
         if isinstance(m, _BN):
             for n, b in m.named_buffers(recurse=False):

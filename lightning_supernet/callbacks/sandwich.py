@@ -85,7 +85,10 @@ class SandwichSampling(Callback):
 
     def supernet_plan(self, supernet: SupernetModule, plan: list[PlanItem], batch_idx: int) -> list[PlanItem]:
         """Replace the plan with the sandwich for this step."""
-        step = supernet.trainer.global_step if supernet._trainer is not None else 0
+        try:
+            step = supernet.trainer.global_step
+        except RuntimeError:  # not attached to a Trainer (a plan drawn by hand)
+            step = 0
         gen = self.generator(step, batch_idx % supernet.accumulate_grad_batches)
         space = supernet.search_space
         items = [PlanItem("largest", space.largest())] if self.largest else []

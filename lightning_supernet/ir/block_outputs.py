@@ -42,7 +42,15 @@ def extra_outputs_read(call: Call, graph: ModuleGraph) -> bool:
 
 def skip_output(call: Call) -> int | tuple | None:
     """What a skipped block returns: ``None`` (a tensor), a tuple length, or a template naming the inputs it
-    passes on (``("hidden", None, ("arg", 2))``); see :func:`extra_outputs_read` for an example."""
+    passes on (``("hidden", None, ("arg", 2))``).
+
+    Example:
+        >>> import torch
+        >>> from lightning_supernet.ir.graph import trace
+        >>> blk = torch.nn.Linear(3, 3)
+        >>> skip_output(trace(blk, torch.randn(2, 3)).calls[0]) is None  # a block returning one tensor
+        True
+    """
     if any(call.out_from_inputs[1:]):
         return ("hidden", *call.out_from_inputs[1:])
     return call.out_len

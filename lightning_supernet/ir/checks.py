@@ -39,6 +39,11 @@ def check_config(space: SearchSpace, cfg: SubnetConfig) -> None:
 
     Raises:
         SearchSpaceError: naming the stack or dim and what is allowed.
+
+    Example:
+        >>> from lightning_supernet.space import Dim, SearchSpace, SubnetConfig
+        >>> s = SearchSpace([Dim("b.0.keep", "depth", (True, False), stack="b")], stacks={"b": (2, 1)})
+        >>> check_config(s, SubnetConfig({"b.0.keep": False}))  # block b.1 is kept: connected, returns None
     """
     for stack, (length, _) in space.stacks.items():
         names = space.stack_blocks(stack)
@@ -55,6 +60,14 @@ def check_discovery(model: nn.Module, graph: ModuleGraph, found: Discovery) -> N
 
     Raises:
         DiscoveryError: a group whose members disagree, or a block that changes the shape.
+
+    Example:
+        >>> import torch
+        >>> from lightning_supernet.ir.discover import discover
+        >>> from lightning_supernet.ir.graph import trace
+        >>> mlp = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> graph = trace(mlp, torch.randn(2, 4))
+        >>> check_discovery(mlp, graph, discover(mlp, graph))  # fc1.out and fc2.in agree: returns None
     """
     mods = dict(model.named_modules())
     for w in found.widths:

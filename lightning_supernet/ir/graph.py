@@ -196,7 +196,14 @@ class ModuleGraph:
 
 
 def seq_nr(node: Any) -> int | None:
-    """Autograd sequence number of ``node`` (``None`` for leaves' AccumulateGrad)."""
+    """Autograd sequence number of ``node`` (``None`` for leaves' AccumulateGrad).
+
+    Example:
+        >>> a = torch.ones(2, requires_grad=True)
+        >>> first, second = (a * 2).grad_fn, (a + 1).grad_fn
+        >>> seq_nr(second) > seq_nr(first), seq_nr(None)
+        (True, None)
+    """
     if node is None or type(node).__name__ == "AccumulateGrad":
         return None
     return node._sequence_nr()

@@ -15,7 +15,13 @@ __all__ = ["Bottleneck", "ResNetLike"]
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce -> 3x3 -> 1x1 expand, each with BatchNorm, plus an identity or projection shortcut."""
+    """1x1 reduce -> 3x3 -> 1x1 expand, each with BatchNorm, plus an identity or projection shortcut.
+
+    Example:
+        >>> import torch
+        >>> Bottleneck(16, 32, stride=2)(torch.randn(1, 16, 8, 8)).shape
+        torch.Size([1, 32, 4, 4])
+    """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, expansion: int = 4) -> None:
         super().__init__()

@@ -17,7 +17,12 @@ __all__ = ["Attention", "Block", "Mlp", "TinyViT"]
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection laid out ``[3][heads][head_dim]``."""
+    """Multi-head self-attention with a fused qkv projection laid out ``[3][heads][head_dim]``.
+
+    Example:
+        >>> Attention(16, 4)(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -35,7 +40,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """``fc1 -> GELU -> fc2``."""
+    """``fc1 -> GELU -> fc2``.
+
+    Example:
+        >>> Mlp(16, 64)(torch.randn(2, 16)).shape
+        torch.Size([2, 16])
+    """
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -48,7 +58,12 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with residual connections."""
+    """Pre-norm transformer block with residual connections.
+
+    Example:
+        >>> Block(16, 4, 2.0)(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()

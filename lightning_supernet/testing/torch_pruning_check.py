@@ -68,7 +68,14 @@ def _err(err: BaseException) -> str:
 
 
 def torch_pruning_result(model_fn: Callable[[], nn.Module], example: Any, target: float = 0.6) -> str:
-    """Try Torch-Pruning on a fresh model from ``model_fn`` (see the module docstring); returns the result string."""
+    """Try Torch-Pruning on a fresh model from ``model_fn`` (see the module docstring); returns the result string.
+
+    Example:
+        >>> import torch
+        >>> mlp = lambda: nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+        >>> torch_pruning_result(mlp, torch.randn(2, 8)).split()[0]
+        'OK'
+    """
     import torch_pruning as tp
 
     ratio, result = 0.3, "NO-OP 100%"

@@ -95,7 +95,14 @@ class Seq2Seq(nn.Module):
 
 
 class MHABlock(nn.Module):
-    """Pre-norm block: ``x + MHA(LN(x))`` (self or ``kdim``/``vdim`` cross attention), then ``x + MLP(LN(x))``."""
+    """Pre-norm block: ``x + MHA(LN(x))`` (self or ``kdim``/``vdim`` cross attention), then ``x + MLP(LN(x))``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(2, 5, 32)
+        >>> MHABlock(batch_first=True, cross=False)(x, x).shape  # self-attention ignores the context
+        torch.Size([2, 5, 32])
+    """
 
     def __init__(self, batch_first: bool, cross: bool) -> None:
         super().__init__()
