@@ -279,7 +279,7 @@ def run_search(search: SubnetSearch, n_trials: int | None, *, n_jobs: int = 1, t
         search.setup()
         if show_progress_bar is None:
             show_progress_bar = sys.stderr.isatty()
-        search._total = None if total_trials is None else TotalTrials(total_trials)
+        search.total_trials_callback = None if total_trials is None else TotalTrials(total_trials)
         n_trials = trials_left(search.study, n_trials, total_trials)
         if n_trials and n_jobs == 1:
             search.run_trials(n_trials, timeout, show_progress_bar)
@@ -291,10 +291,10 @@ def run_search(search: SubnetSearch, n_trials: int | None, *, n_jobs: int = 1, t
         raise
     finally:
         optuna.logging.set_verbosity(verbosity)
-        if getattr(search, "_bn_state", None):
-            restore_bn_state(search.supernet, search._bn_state)
+        if getattr(search, "bn_state_at_start", None):
+            restore_bn_state(search.supernet, search.bn_state_at_start)
     front = search.pareto_front()
-    warn_if_empty(search.study, front, search._resolved)
+    warn_if_empty(search.study, front, search.resolved_constraints)
     if search.tracking is not None:
         search.tracking.finish(search, front)
     return SearchResult(search.study, front)
@@ -323,7 +323,7 @@ def run_forked(search: SubnetSearch, n_trials: int, n_jobs: int, timeout: float 
         n_trials -= first
     if n_trials <= 0:
         return
-    prepare_fork(search._rdb)
+    prepare_fork(search.rdb_storage)
     ctx = multiprocessing.get_context("fork")
     shares = [n_trials // n_jobs + (i < n_trials % n_jobs) for i in range(n_jobs)]
     procs = [ctx.Process(target=_worker, args=(search, i, share, timeout, n_jobs))
@@ -340,7 +340,7 @@ def run_forked(search: SubnetSearch, n_trials: int, n_jobs: int, timeout: float 
 
 def _worker(search: SubnetSearch, index: int, n_trials: int, timeout: float | None, n_jobs: int) -> None:
     optuna = require("optuna", "optuna", "the subnet search")
-    reopen_after_fork(search._rdb, child=True)
+    reopen_after_fork(search.rdb_storage, child=True)
     torch.set_num_threads(max(1, torch.get_num_threads() // n_jobs))
     seed = None if search.seed is None else search.seed + 1000 * (index + 1)
     sampler = search.make_sampler(seed)
@@ -361,17 +361,17 @@ def val_loaders(search: SubnetSearch) -> Any:
 
 def calibration_loader(search: SubnetSearch) -> Any:
     """Training batches for BN recalibration: the datamodule's ``train_dataloader()``, or ``None``."""
-    if not hasattr(search, "_calibration"):
+    if not hasattr(search, "calibration_loader"):
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-        search._calibration = None
+        search.calibration_loader = None
         if search.datamodule is not None:
             try:  # a datamodule without `train_dataloader` raises one of these
                 search.datamodule.setup("fit")
-                search._calibration = search.datamodule.train_dataloader()
+                search.calibration_loader = search.datamodule.train_dataloader()
             except (NotImplementedError, MisconfigurationException):
-                search._calibration = None
-    return search._calibration
+                search.calibration_loader = None
+    return search.calibration_loader
 
 
 def warn_if_empty(study: optuna.Study, front: Sequence[Any], resolved: Sequence[Constraint]) -> None:

@@ -102,6 +102,10 @@ class SubnetSearch:
         SearchError: a bad objective, direction, constraint, sampler or limit (metric names are checked in
             :meth:`setup`, after one validation of the largest subnet).
 
+    Attributes set by :meth:`setup` and :meth:`run` (read by the search's own helpers): ``resolved_constraints``,
+    ``rdb_storage`` (the RDB storage, or ``None``), ``bn_state_at_start`` (BN statistics put back after the
+    search), ``total_trials_callback`` (``total_trials=``), ``calibration_loader`` (BN recalibration batches).
+
     Example:
         >>> class SmallFirst(SubnetSearch):
         ...     def should_evaluate(self, trial, cfg):
@@ -173,8 +177,8 @@ class SubnetSearch:
         self._cache: dict[str, tuple[dict[str, float], int | str]] = {}
         self._cost_cache: dict[str, dict[str, float]] = {}
         self._trainer: pl.Trainer | None = None
-        self._resolved: list = []
-        self._rdb = None
+        self.resolved_constraints: list = []
+        self.rdb_storage = None
 
     # -- the pieces a subclass may override -------------------------------------------------------------------
     def make_sampler(self, seed: int | None) -> optuna.samplers.BaseSampler:
@@ -308,13 +312,13 @@ class SubnetSearch:
             metrics = self.evaluate(cfg)
             self._cache[key] = (metrics, trial.number)
         trial.set_user_attr("metrics", metrics)
-        for c in self._resolved:
+        for c in self.resolved_constraints:
             trial.set_constraint(c.metric, c.violation(metrics[c.metric]))
         return [metrics[o.name] for o in self.objectives]
 
     def lookup(self, key: str) -> tuple[dict[str, float], int | str] | None:
         """Metrics already measured for a motif (this process first, then trials other workers completed)."""
-        if key not in self._cache and self.study is not None and self._rdb is not None:
+        if key not in self._cache and self.study is not None and self.rdb_storage is not None:
             self._load_cache()
         return self._cache.get(key)
 
@@ -350,23 +354,23 @@ class SubnetSearch:
 
         requeue = RequeueExtremes({"largest": self.space.largest().to_dict(),
                                    "smallest": self.space.smallest().to_dict()}) if self.enqueue_extremes else None
-        storage, self._rdb = make_storage(self.storage_spec, self.heartbeat_interval,  # fail fast, before evaluating
+        storage, self.rdb_storage = make_storage(self.storage_spec, self.heartbeat_interval,  # fail fast, before evaluating
                                           grace_period=self.grace_period, stale_callback=requeue)
         if requeue is not None:
-            requeue.rdb = self._rdb
+            requeue.rdb = self.rdb_storage
         self.weights = weights_digest(self.supernet)  # before BN recalibration touches any statistics
         self._trainer = pl.Trainer(**{
             "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
             "enable_model_summary": False, "devices": 1, "num_sanity_val_steps": 0,
             "limit_val_batches": self.limit_val_batches, **self.trainer_kwargs})
-        self._bn_state = bn_state(self.supernet)
+        self.bn_state_at_start = bn_state(self.supernet)
         largest = self.space.largest()
         self.reference = self.evaluate(largest)
         check_metrics(self.objectives, self.constraints, self.reference)
-        self._resolved = [c.resolve(self.reference) for c in self.constraints]
-        if any(c.metric in COST_METRICS for c in self._resolved):
-            check_feasible(self._resolved, self.constraints, self.costs(self.space.smallest()), self.reference)
-        self.study = open_study(self, storage, self._rdb)
+        self.resolved_constraints = [c.resolve(self.reference) for c in self.constraints]
+        if any(c.metric in COST_METRICS for c in self.resolved_constraints):
+            check_feasible(self.resolved_constraints, self.constraints, self.costs(self.space.smallest()), self.reference)
+        self.study = open_study(self, storage, self.rdb_storage)
         self._cache.setdefault(self.motif(largest), (self.reference, "reference"))
         self._load_cache()
         if self.tracking is not None:
@@ -385,7 +389,7 @@ class SubnetSearch:
             >>> search = SubnetSearch(supernet, dm, study_name="s"); _ = search.load_study()  # doctest: +SKIP
             >>> print(search.pareto_front())  # doctest: +SKIP
         """
-        self.study, self._rdb, self.objectives = load_study(self)
+        self.study, self.rdb_storage, self.objectives = load_study(self)
         return self.study
 
     def run(self, n_trials: int | None = 50, *, n_jobs: int = 1, timeout: float | None = None,
@@ -416,7 +420,7 @@ class SubnetSearch:
         Example:
             >>> SubnetSearch(supernet, dm, storage=None).run_trials(4, None, False)  # doctest: +SKIP
         """
-        callbacks = [self._after_trial] + ([self._total] if getattr(self, "_total", None) else [])
+        callbacks = [self._after_trial] + ([self.total_trials_callback] if getattr(self, "total_trials_callback", None) else [])
         self.study.optimize(self._objective, n_trials=n_trials, timeout=timeout, catch=self.catch,
                             callbacks=callbacks, show_progress_bar=show_progress_bar, gc_after_trial=False)
 
