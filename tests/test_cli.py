@@ -344,7 +344,9 @@ def test_a_search_killed_with_sigkill_resumes_to_its_total(fitted):
     import time
 
     config, run = fitted
-    argv = [sys.executable, "-m", "lightning_supernet.cli", "search", "--config", config, "--search.n_trials", "8"]
+    total = 40  # trials of this tiny model take a fraction of a second: enough of them that the kill lands mid-study
+    argv = [sys.executable, "-m", "lightning_supernet.cli", "search", "--config", config,
+            "--search.n_trials", str(total)]
     proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage, deadline = f"sqlite:///{run}/search.db", time.time() + 300
@@ -361,14 +363,14 @@ def test_a_search_killed_with_sigkill_resumes_to_its_total(fitted):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     before = sum(t.state.name == "COMPLETE" for t in optuna.load_study(study_name="cli", storage=storage).trials)
-    assert 3 <= before < 8
+    assert 3 <= before < total
     from lightning_supernet.integrations.optuna import SubnetSearch
 
     # until its heartbeat goes stale, a killed trial looks like one another worker is running (it counts)
     time.sleep((getattr(SubnetSearch, "grace_period", None) or 0) + 2)
-    assert main(["search", "--config", config, "--search.n_trials", "8"]) == 0
+    assert main(["search", "--config", config, "--search.n_trials", str(total)]) == 0
     trials = optuna.load_study(study_name="cli", storage=storage).trials
-    assert sum(t.state.name == "COMPLETE" for t in trials) == 8
+    assert sum(t.state.name == "COMPLETE" for t in trials) == total
 
 
 def _searches_check_weights() -> bool:
