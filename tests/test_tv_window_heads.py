@@ -104,3 +104,37 @@ def test_a_subclass_with_its_own_forward_keeps_its_heads_fixed():
     attn = Custom(16, [4, 4], [0, 0], num_heads=2)
     assert not accepts_window_attention(attn)
     assert accepts_window_attention(ShiftedWindowAttention(16, [4, 4], [0, 0], num_heads=2))
+
+
+def _tiny_maxvit() -> torch.nn.Module:
+    from torchvision.models.maxvit import MaxVit
+
+    return MaxVit(input_size=(32, 32), stem_channels=16, partition_size=2, block_channels=[32, 64],
+                  block_layers=[1, 2], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+
+
+def test_maxvit_passes_the_contract_with_elastic_heads():
+    torch.manual_seed(0)
+    report = check_conformance(_tiny_maxvit, torch.randn(2, 3, 32, 32), name="tiny_maxvit", n_random=2)
+    assert report.outcome == "PASS", report.failures
+    assert report.dims["heads"] == 6  # block and grid attention of 3 layers
+
+
+def test_maxvit_fewer_heads_remove_exactly_their_rows_columns_and_table_columns():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    sn = SupernetModule(_tiny_maxvit().eval(), F.cross_entropy, example_input=x)
+    path = "blocks.1.layers.0.layers.window_attention.attn_layer.1"
+    cfg = dict(sn.search_space.largest())
+    cfg[f"{path}.heads"] = 2  # of 8 heads of 8 features, width 64; a 3x3 bias table (partition 2)
+    full, small = sn.extract(sn.search_space.largest()), sn.extract(cfg)
+    assert _count(full) - _count(small) == 6 * (3 * 8 * (64 + 1) + 8 * 64 + 9)
+    assert sn.cost(cfg)["params"] == _count(small)
+    attn = small.get_submodule(path)
+    assert type(attn).__name__ == "PrunedRelativePositionalMultiHeadAttention" and attn.n_heads == 2
+    with torch.no_grad(), sn.subnet(cfg):
+        expected = sn.model(x)
+    buffer = io.BytesIO()
+    torch.save(small, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.load(buffer, weights_only=False).eval()(x), expected, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Elastic heads for torchvision's Swin and Swin-v2 window attention (``ShiftedWindowAttention``, ``...V2``).
+"""Elastic heads for torchvision's Swin and Swin-v2 window attention (``ShiftedWindowAttention``, ``...V2``) and
+MaxViT's block/grid attention (``RelativePositionalMultiHeadAttention``).
 
 torchvision's ``forward`` hands ``self.qkv.weight`` and ``self.proj.weight`` to a function that derives the head
 size from the residual width (``C // num_heads``), so slicing the projections or lowering ``num_heads`` alone is
@@ -13,7 +14,9 @@ size kept at ``full width // full heads``. Which tensors are per-head comes from
 
 torchvision's class cannot hold fewer heads than ``C // head_dim``, so ``extract`` turns an attention module with
 fewer heads into ``PrunedShiftedWindowAttention`` (or ``...V2``): a subclass whose ``forward`` is
-:func:`window_attention` on its (physically smaller) weights.
+:func:`window_attention` on its (physically smaller) weights. MaxViT's attention calls its projections as modules
+(so they slice themselves) but reshapes its output to the input width: :class:`ElasticMaxVitAttention` computes it
+with ``heads * head_dim`` features instead, and exports as ``PrunedRelativePositionalMultiHeadAttention``.
 
 Example:
     >>> import torch
@@ -30,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any
 
@@ -42,7 +46,8 @@ from lightning_supernet.elastic.base import ElasticMixin
 from lightning_supernet.elastic.registry import original_class
 from lightning_supernet.ops import class_named
 
-__all__ = ["SWIN_ATTENTION", "ElasticWindowAttention", "pruned_class", "window_attention"]
+__all__ = ["MAXVIT_ATTENTION", "SWIN_ATTENTION", "ElasticMaxVitAttention", "ElasticWindowAttention",
+           "accepts_maxvit_attention", "accepts_window_attention", "pruned_class", "window_attention"]
 
 SWIN_ATTENTION = ("torchvision.models.swin_transformer.ShiftedWindowAttention",
                   "torchvision.models.swin_transformer.ShiftedWindowAttentionV2")
@@ -173,6 +178,8 @@ class ElasticWindowAttention(ElasticMixin):
 
 
 def _pruned_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(self, "n_heads"):  # MaxViT
+        return _maxvit_attend(self, x)
     return _attend(self, x, self.num_heads, self.proj.in_features // self.num_heads)
 
 
@@ -196,10 +203,10 @@ def pruned_class(base: type) -> type:
 
 
 def __getattr__(name: str) -> type:  # PEP 562: unpickling an extracted model finds its pruned class by name
-    if name.startswith("Pruned") and name[len("Pruned"):] in {n.rsplit(".", 1)[1] for n in SWIN_ATTENTION}:
-        from torchvision.models import swin_transformer
-
-        return pruned_class(getattr(swin_transformer, name[len("Pruned"):]))
+    for qualified in (*SWIN_ATTENTION, "torchvision.models.maxvit.RelativePositionalMultiHeadAttention"):
+        module_name, _, cls = qualified.rpartition(".")
+        if name == f"Pruned{cls}":
+            return pruned_class(getattr(importlib.import_module(module_name), cls))
     raise AttributeError(name)
 
 
@@ -219,3 +226,60 @@ def accepts_window_attention(module: nn.Module) -> bool:
 
 
 register_head_forward(accepts_window_attention, ElasticWindowAttention)
+
+MAXVIT_ATTENTION = "torchvision.models.maxvit.RelativePositionalMultiHeadAttention"
+
+
+def _maxvit_attend(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """MaxViT's block/grid attention on ``x`` (``[B, G, P, D]``) with ``attn.n_heads`` heads of ``attn.head_dim``
+    (the fused ``to_qkv`` rows are ``[3][heads][head_dim]``; the logits are scaled by the input width)."""
+    B, G, P, _ = x.shape
+    heads, head_dim = attn.n_heads, attn.head_dim
+    q, k, v = attn.to_qkv(x).reshape(B, G, P, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+    logits = q @ (k * attn.scale_factor).transpose(-2, -1) + attn.get_relative_positional_bias()[:, :heads]
+    out = logits.softmax(-1) @ v
+    return attn.merge(out.permute(0, 1, 3, 2, 4).reshape(B, G, P, heads * head_dim))
+
+
+class ElasticMaxVitAttention(ElasticMixin):
+    """Mixin for torchvision's MaxViT ``RelativePositionalMultiHeadAttention``, whose ``forward`` reshapes its
+    output to the input width: fewer heads are computed by :func:`_maxvit_attend`; all heads: torchvision's own.
+
+    Attributes:
+        full_heads: the module's head count when it was made elastic (``n_heads`` follows the active heads).
+
+    Example:
+        >>> from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+        >>> from lightning_supernet.elastic.registry import make_elastic
+        >>> attn = RelativePositionalMultiHeadAttention(16, 4, 16); make_elastic(attn, ElasticMaxVitAttention)
+        >>> attn.full_heads
+        4
+    """
+
+    _elastic_attrs = ("full_heads",)
+
+    def init_elastic(self) -> None:
+        self.full_heads = self.n_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if self.n_heads == self.full_heads else _maxvit_attend(self, x)
+
+    def export_(self) -> dict[str, Any]:
+        out = super().export_()
+        if self.n_heads != self.full_heads:  # torchvision's forward needs heads x head_dim == D
+            self.__dict__["_exported_as"] = pruned_class(original_class(self))
+        return {**out, "n_heads": self.n_heads}
+
+
+def accepts_maxvit_attention(module: nn.Module) -> bool:
+    """torchvision's MaxViT attention running torchvision's own ``forward``.
+
+    Example:
+        >>> accepts_maxvit_attention(nn.Linear(2, 2))
+        False
+    """
+    base = class_named(module, MAXVIT_ATTENTION)
+    return base is not None and original_class(module).forward is base.forward
+
+
+register_head_forward(accepts_maxvit_attention, ElasticMaxVitAttention)

@@ -406,3 +406,18 @@ def _torchvision_swin(module: nn.Module) -> HeadSpec | None:
                 else (("", "relative_position_bias_table", 1),))
     return HeadSpec(heads, heads, _out(module, "qkv") // 3 // heads, o="proj", qkv="qkv",
                     head_attrs=(("", "num_heads"),), per_head=per_head)
+
+
+@register_head_adapter
+def _torchvision_maxvit(module: nn.Module) -> HeadSpec | None:
+    """torchvision's MaxViT attention: fused ``to_qkv`` (``[3][heads][head_dim]``), ``merge``, ``n_heads`` and a
+    per-head column of the relative-position bias table (its ``forward`` is registered by the elastic layer)."""
+    base = class_named(module, "torchvision.models.maxvit.RelativePositionalMultiHeadAttention")
+    if base is None or type(module).__dict__.get("_original_class", type(module)).forward is not base.forward:
+        return None
+    heads, head_dim = module.n_heads, module.head_dim
+    if _proj(module, "to_qkv") is None or _proj(module, "merge", "in") is None or \
+            _out(module, "to_qkv") != 3 * heads * head_dim or _in(module, "merge") != heads * head_dim:
+        return None
+    return HeadSpec(heads, heads, head_dim, o="merge", qkv="to_qkv", head_attrs=(("", "n_heads"),),
+                    per_head=(("", "relative_position_bias_table", 1),))
