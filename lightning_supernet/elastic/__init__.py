@@ -4,7 +4,8 @@ Each op is one file that declares its mixin and registers it (:func:`lightning_s
 ``linear.py`` (``nn.Linear``), ``conv.py`` (dense, depthwise and grouped ``nn.Conv2d``), ``norm.py`` (BatchNorm,
 SyncBatchNorm, LayerNorm), ``norm_act.py`` and ``timm_linear.py`` (timm's ``BatchNormAct2d`` and ``Linear``),
 ``conv1d.py`` (GPT-2's ``Conv1D``), ``hf_linear.py`` (Falcon's ``FalconLinear``), ``moe.py`` (Mixtral's experts),
-``per_head.py`` (per-head tables), ``attention.py`` (``nn.MultiheadAttention`` and the head setter), ``depth.py``
+``per_head.py`` (per-head tables), ``attention.py`` (``nn.MultiheadAttention`` and the head setter),
+``tv_window_attention.py`` (torchvision's Swin window attention), ``depth.py``
 (skippable blocks), ``fastpath.py`` (guards for fused fast paths).
 
 Example:
@@ -19,7 +20,7 @@ from lightning_supernet.elastic.attention import ElasticMultiheadAttention, Head
 from lightning_supernet.elastic.conv import ElasticConv2d
 from lightning_supernet.elastic.conv1d import ElasticConv1D
 from lightning_supernet.elastic.depth import SkippableBlock
-from lightning_supernet.elastic import hf_linear, moe  # noqa: F401 - register their ops
+from lightning_supernet.elastic import hf_linear, moe, tv_window_attention  # noqa: F401 - register their ops
 from lightning_supernet.elastic.fastpath import FastPathGuard, guard_fast_paths, register_fast_path
 from lightning_supernet.elastic.linear import ElasticLinear
 from lightning_supernet.elastic.norm import ElasticBatchNorm, ElasticLayerNorm

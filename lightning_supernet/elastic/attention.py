@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,7 +37,44 @@ from lightning_supernet.elastic.registry import make_elastic
 from lightning_supernet.ir.heads import HeadSpec
 from lightning_supernet.ops import ElasticOp, Port, op_for, register_op, same_forward
 
-__all__ = ["MULTIHEAD_ATTENTION", "ElasticMultiheadAttention", "HeadSetter", "PrunedMultiheadAttention"]
+__all__ = ["MULTIHEAD_ATTENTION", "ElasticMultiheadAttention", "HeadSetter", "PrunedMultiheadAttention",
+           "head_forward_for", "register_head_forward"]
+
+#: ``(accepts(module) -> bool, mixin)``: attention modules whose own ``forward`` reads their projections' full
+#: weights (torchvision's Swin calls a function with ``self.qkv.weight``), with the mixin that computes it on views
+_HEAD_FORWARDS: list[tuple[Callable[[nn.Module], bool], type]] = []
+
+
+def register_head_forward(accepts: Callable[[nn.Module], bool], mixin: type) -> type:
+    """Register the elastic ``forward`` of an attention module that reads its projections' weights itself.
+
+    :class:`HeadSetter` puts ``mixin`` in front of every attention module ``accepts`` takes, before any other
+    head slicing, so its ``forward`` can compute the attention with the active heads (the head layout itself is
+    still the adapter's, verified numerically). Registered later wins.
+
+    Args:
+        accepts: ``module -> bool``: the modules this forward is for.
+        mixin: an :class:`~lightning_supernet.elastic.base.ElasticMixin` subclass overriding ``forward``.
+
+    Example:
+        >>> class MyForward(ElasticMixin):
+        ...     pass
+        >>> register_head_forward(lambda m: False, MyForward) is MyForward
+        True
+        >>> _ = _HEAD_FORWARDS.pop(0)
+    """
+    _HEAD_FORWARDS.insert(0, (accepts, mixin))
+    return mixin
+
+
+def head_forward_for(module: nn.Module) -> type | None:
+    """The mixin registered with :func:`register_head_forward` for ``module``, or ``None``.
+
+    Example:
+        >>> head_forward_for(nn.MultiheadAttention(8, 2)) is None
+        True
+    """
+    return next((mixin for accepts, mixin in _HEAD_FORWARDS if accepts(module)), None)
 
 
 def _elastic(root: nn.Module, path: str) -> nn.Module:
@@ -73,6 +111,9 @@ class HeadSetter:
         anchor = self.anchor
         self.originals = {(p, a): getattr(anchor.get_submodule(p) if p else anchor, a)
                           for p, a in spec.head_attrs + spec.size_attrs + spec.kv_attrs}
+        own_forward = head_forward_for(anchor)
+        if own_forward is not None:
+            make_elastic(anchor, own_forward)
         for p in spec.paths:
             _elastic(anchor, p)
         for p, _, _ in spec.per_head:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from lightning_supernet.ops import op_for
+from lightning_supernet.ops import class_named, op_for
 
 __all__ = ["HEAD_ATTRS", "HeadSpec", "find_head_spec", "find_head_specs", "fixed_by_design", "looks_like_attention",
            "register_head_adapter"]
@@ -384,3 +384,40 @@ def _torch_multihead_attention(module: nn.Module) -> HeadSpec | None:
         return None
     heads, dim = module.num_heads, module.embed_dim
     return HeadSpec(heads, heads, dim // heads, o="out_proj", qkv="", head_attrs=(("", "num_heads"),))
+
+
+_SWIN = "torchvision.models.swin_transformer.ShiftedWindowAttention"
+
+
+@register_head_adapter
+def _torchvision_swin(module: nn.Module) -> HeadSpec | None:
+    """torchvision's Swin window attention: a fused ``qkv`` (``[3][heads][head_dim]``), ``proj``, and per head a
+    column of the relative-position bias table (v1), or an output of the position-bias MLP ``cpb_mlp.2`` and an
+    entry of ``logit_scale`` (v2). Its ``forward`` reads the full weights, so the elastic layer registers a forward
+    for it (``lightning_supernet.elastic.tv_window_attention``)."""
+    v2 = class_named(module, _SWIN + "V2")
+    base = v2 or class_named(module, _SWIN)
+    if base is None or type(module).__dict__.get("_original_class", type(module)).forward is not base.forward:
+        return None
+    heads = module.num_heads
+    if _proj(module, "qkv") is None or _proj(module, "proj", "in") is None or _out(module, "qkv") % (3 * heads):
+        return None
+    per_head = ((("", "logit_scale", 0), ("cpb_mlp.2", "weight", 0)) if v2 is not None
+                else (("", "relative_position_bias_table", 1),))
+    return HeadSpec(heads, heads, _out(module, "qkv") // 3 // heads, o="proj", qkv="qkv",
+                    head_attrs=(("", "num_heads"),), per_head=per_head)
+
+
+@register_head_adapter
+def _torchvision_maxvit(module: nn.Module) -> HeadSpec | None:
+    """torchvision's MaxViT attention: fused ``to_qkv`` (``[3][heads][head_dim]``), ``merge``, ``n_heads`` and a
+    per-head column of the relative-position bias table (its ``forward`` is registered by the elastic layer)."""
+    base = class_named(module, "torchvision.models.maxvit.RelativePositionalMultiHeadAttention")
+    if base is None or type(module).__dict__.get("_original_class", type(module)).forward is not base.forward:
+        return None
+    heads, head_dim = module.n_heads, module.head_dim
+    if _proj(module, "to_qkv") is None or _proj(module, "merge", "in") is None or \
+            _out(module, "to_qkv") != 3 * heads * head_dim or _in(module, "merge") != heads * head_dim:
+        return None
+    return HeadSpec(heads, heads, head_dim, o="merge", qkv="to_qkv", head_attrs=(("", "n_heads"),),
+                    per_head=(("", "relative_position_bias_table", 1),))
