@@ -200,3 +200,39 @@ def test_two_processes_starting_together_enqueue_the_extremes_once(supernet, dm,
     space = supernet.search_space
     assert planned.count(space.largest().to_dict()) == 1 and planned.count(space.smallest().to_dict()) == 1
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6
+
+
+def test_switching_to_wal_waits_for_a_writer_instead_of_failing_locked(tmp_path):
+    """Switching a new SQLite file to WAL needs an exclusive lock, and SQLite answers "database is locked" at once
+    (its busy timeout does not apply) while another worker writes, as when two workers open a new study file
+    together: the storage's connection setup waits for the writer instead of failing."""
+    import threading
+
+    from lightning_supernet.integrations._storage import _wal
+
+    path = tmp_path / "search.db"
+    holding, release = threading.Event(), threading.Event()
+
+    def writer():
+        con = sqlite3.connect(path, isolation_level=None)
+        con.execute("CREATE TABLE other (i INTEGER)")
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("INSERT INTO other VALUES (1)")
+        holding.set()
+        release.wait(10)
+        con.execute("COMMIT")
+        con.close()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert holding.wait(10)
+    con = sqlite3.connect(path, timeout=5, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # what SQLite itself does
+        con.execute("PRAGMA journal_mode=WAL")
+    threading.Timer(0.5, release.set).start()
+    try:
+        _wal(con.cursor())
+    finally:
+        release.set()
+        thread.join(10)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -143,13 +143,30 @@ def _open_rdb(optuna: Any, url: str, engine_kwargs: dict[str, Any], heartbeat: d
     raise AssertionError("unreachable")
 
 
+def _wal(cur: Any, seconds: float = 60.0) -> None:
+    """Switch the database to WAL once. Switching takes an exclusive lock and SQLite answers "database is locked"
+    at once, without its busy timeout, when another connection switches or writes at that moment (two workers
+    opening a new study file together): wait and retry; a database already in WAL mode is only read."""
+    import sqlite3
+
+    deadline = time.monotonic() + seconds
+    while cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")  # an in-memory database keeps "memory": no retry then
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _fast_sqlite(rdb: Any) -> None:
     from sqlalchemy import event
 
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # transactions are begun below, not by the sqlite3 module
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
+        _wal(cur)
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.close()
 
