@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all demo bench clean
+.PHONY: venv test test-all demo bench gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ bench: venv
 	$(BIN)/python benchmarks/bench_core.py --quick
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_fork_join.py
+
+gpu-check: venv
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
