@@ -45,8 +45,8 @@ def _head_index(spec, perm: torch.Tensor, blocks: int = 1, layout: str = "qkv") 
         per_group = (rep + 2) * spec.head_dim
         return (perm[:, None] * per_group + torch.arange(per_group)).reshape(-1)
     heads = (perm[:, None] * rep + torch.arange(rep)).reshape(-1)  # query heads follow their kv head
-    if layout == "head":
-        per_head = blocks * spec.head_dim
+    if layout == "head":  # rows per head: q, k, v of head_dim each, or LeViT's key_dim, key_dim, val_dim
+        per_head = spec.head_rows or blocks * spec.head_dim
         return (heads[:, None] * per_head + torch.arange(per_head)).reshape(-1)
     rows = (heads[:, None] * spec.head_dim + torch.arange(spec.head_dim)).reshape(-1)
     per_block = spec.num_heads * spec.head_dim
@@ -112,6 +112,9 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
                 idx = None if perm is None else _head_index(spec, perm, blocks, spec.layout)
                 proj = anchor.get_submodule(path)
                 out += _port_tensors(proj, "out", idx)
+                if path == spec.qkv:  # channel-wise modules with one channel per fused row (LeViT's BatchNorm)
+                    for norm in spec.qkv_norms:
+                        out += _port_tensors(anchor.get_submodule(norm), "ch", idx)
                 if "out_separate" in op_for(proj).ports:  # nn.MultiheadAttention with separate q/k/v weights
                     out += _port_tensors(proj, "out_separate", q_idx)
         for path in (spec.k, spec.v):

@@ -135,10 +135,14 @@ class HeadSetter:
             port = op_for(fused).ports["out"]
             head_major = spec.layout in ("head", "group")
             rows = (None if full else heads // spec.kv_group * (spec.kv_group + 2) * spec.head_dim
-                    if spec.layout == "group" else 3 * width if head_major else width)
+                    if spec.layout == "group" else heads * spec.head_rows if spec.head_rows
+                    else 3 * width if head_major else width)
             setattr(fused, port.active, None if full else rows)
             if port.blocks:
                 setattr(fused, port.blocks, 1 if head_major else 3)
+            for path in spec.qkv_norms:  # channel-wise modules with one channel per fused row (LeViT's BatchNorm)
+                norm = _elastic(anchor, path)
+                setattr(norm, op_for(norm).ports["ch"].active, None if full else rows)
         for path, w in ((spec.q, width), (spec.k, kv), (spec.v, kv), *((p, width) for p in spec.extra_q)):
             if path is not None:
                 proj = _elastic(anchor, path)
