@@ -112,11 +112,12 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
                 idx = None if perm is None else _head_index(spec, perm, blocks, spec.layout)
                 proj = anchor.get_submodule(path)
                 out += _port_tensors(proj, "out", idx)
-                if path == spec.qkv:  # channel-wise modules with one channel per fused row (LeViT's BatchNorm)
-                    for norm in spec.qkv_norms:
-                        out += _port_tensors(anchor.get_submodule(norm), "ch", idx)
                 if "out_separate" in op_for(proj).ports:  # nn.MultiheadAttention with separate q/k/v weights
                     out += _port_tensors(proj, "out_separate", q_idx)
+        for path, rows in spec.extra_rows:  # [heads][rows] outputs or BatchNorm channels (LeViT)
+            mod = anchor.get_submodule(path)
+            idx = None if perm is None else (perm[:, None] * rows + torch.arange(rows)).reshape(-1)
+            out += _port_tensors(mod, "out" if "out" in op_for(mod).ports else "ch", idx)
         for path in (spec.k, spec.v):
             if path is not None:
                 out += _port_tensors(anchor.get_submodule(path), "out", None if perm is None else _kv_index(spec, perm))
@@ -190,6 +191,8 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
         rows = torch.arange(n)
         if i >= per_head:
             ids.append(rows // rep)
+        elif spec.head_rows:
+            ids.append(rows // (n // spec.num_heads))  # every tensor laid out [heads][rows] (LeViT)
         elif rep > 1 and n == spec.num_kv_heads * d:
             ids.append(rows // d)  # key/value projections of grouped-query attention: one head per unit
         elif spec.layout == "group" and n > q_rows:

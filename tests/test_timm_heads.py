@@ -1,11 +1,12 @@
 """timm's LeViT attention gets elastic heads (issue 10).
 
 ``timm.models.levit.Attention`` lays its fused ``qkv`` (a Linear + BatchNorm1d) out head-major
-``[heads][key_dim, key_dim, val_dim]``; the heads are sliced by the head setter (rows, BN channels, output-projection
-columns, ``attention_biases`` rows) and :mod:`lightning_supernet.elastic.timm_attention` bypasses timm's eval-mode
-bias cache. The supernet passes the conformance contract with one heads dim per block, a subnet with fewer heads
-loses exactly the removed rows/entries/columns and equals its extracted model, and gradients reach only the active
-heads. (LeViT's ``AttentionDownsample`` and EfficientViT's attention keep their heads fixed.)
+``[heads][key_dim, key_dim, val_dim]``; ``AttentionDownsample`` has a fused ``kv`` (``[heads][key_dim, val_dim]``)
+and a query ``q.ln`` (``[heads][key_dim]``). The heads are sliced by the head setter (rows, BN channels,
+output-projection columns, ``attention_biases`` rows) and :mod:`lightning_supernet.elastic.timm_attention` bypasses
+timm's eval-mode bias cache. The supernet passes the conformance contract with one heads dim per attention, a
+subnet with fewer heads loses exactly the removed rows/entries/columns and equals its extracted model, and
+gradients reach only the active heads. (EfficientViT's attention keeps its heads fixed.)
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ def test_levit_passes_the_contract_with_elastic_heads():
     torch.manual_seed(0)
     report = check_conformance(_levit, X, name="levit_128s", n_random=2)
     assert report.outcome == "PASS", report.failures
-    assert report.dims["heads"] == 9  # one per LevitBlock: 2 + 3 + 4 (the two AttentionDownsample stay fixed)
+    assert report.dims["heads"] == 11  # one per LevitBlock (2 + 3 + 4) and per AttentionDownsample (2)
 
 
 def test_levit_fewer_heads_remove_exactly_their_rows_bn_entries_columns_and_biases(levit_supernet):
     sn = levit_supernet
     heads = {k: d for k, d in sn.search_space.dims.items() if d.kind == "heads"}
-    assert len(heads) == 9 and heads[f"{BLOCK}.heads"].largest == 4
+    assert len(heads) == 11 and heads[f"{BLOCK}.heads"].largest == 4
     cfg = dict(sn.search_space.largest())
     cfg[f"{BLOCK}.heads"] = 2
     full, small = sn.extract(sn.search_space.largest()), sn.extract(cfg)
@@ -95,3 +96,23 @@ def test_levit_gradients_reach_only_the_active_heads(levit_supernet):
     assert proj[:, 96:].abs().sum() == 0 and proj[:, :96].abs().sum() > 0
     biases = attn.attention_biases.grad
     assert biases[3:].abs().sum() == 0 and biases[:3].abs().sum() > 0
+
+
+DOWN = "stages.1.downsample.attn_downsample"  # 8 heads, key_dim 16, val_dim 64, 128 -> 256, 4x4 keys
+
+
+def test_levit_downsampling_attention_drops_exactly_its_kv_q_bn_columns_and_biases(levit_supernet):
+    sn = levit_supernet
+    cfg = dict(sn.search_space.largest())
+    cfg[f"{DOWN}.heads"] = 4
+    full, small = sn.extract(sn.search_space.largest()), sn.extract(cfg)
+    # per removed head: 80 kv rows + 16 q rows of 128 inputs (no biases), their BN weights and biases, 64 proj
+    # columns of 256 outputs, a 16-entry attention-bias row
+    assert _count(full) - _count(small) == 4 * ((80 + 16) * 128 + 2 * (80 + 16) + 64 * 256 + 16)
+    assert sn.cost(cfg)["params"] == _count(small)
+    attn = small.get_submodule(DOWN)
+    assert type(attn).__name__ == "AttentionDownsample" and attn.num_heads == 4 and attn.val_attn_dim == 256
+    assert attn.kv.linear.weight.shape == (320, 128) and attn.q.ln.bn.running_var.shape == (64,)
+    with torch.no_grad(), sn.subnet(cfg):
+        expected = sn.model(X)
+    torch.testing.assert_close(small(X), expected, rtol=1e-5, atol=1e-5)

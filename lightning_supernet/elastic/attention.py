@@ -140,13 +140,14 @@ class HeadSetter:
             setattr(fused, port.active, None if full else rows)
             if port.blocks:
                 setattr(fused, port.blocks, 1 if head_major else 3)
-            for path in spec.qkv_norms:  # channel-wise modules with one channel per fused row (LeViT's BatchNorm)
-                norm = _elastic(anchor, path)
-                setattr(norm, op_for(norm).ports["ch"].active, None if full else rows)
         for path, w in ((spec.q, width), (spec.k, kv), (spec.v, kv), *((p, width) for p in spec.extra_q)):
             if path is not None:
                 proj = _elastic(anchor, path)
                 setattr(proj, op_for(proj).ports["out"].active, w)
+        for path, per_head_rows in spec.extra_rows:  # [heads][rows] outputs or BatchNorm channels (LeViT)
+            mod = _elastic(anchor, path)
+            ports = op_for(mod).ports
+            setattr(mod, ports["out" if "out" in ports else "ch"].active, None if full else heads * per_head_rows)
         o = _elastic(anchor, spec.o)
         setattr(o, op_for(o).ports["in"].active, width)
         values = {**{key: heads for key in spec.head_attrs}, **{key: heads * spec.head_dim for key in spec.size_attrs},

@@ -1,4 +1,4 @@
-"""Elastic heads for timm's LeViT attention (``timm.models.levit.Attention``).
+"""Elastic heads for timm's LeViT attention (``timm.models.levit.Attention`` and ``AttentionDownsample``).
 
 LeViT's attention reads its heads through attributes (``num_heads``, ``val_attn_dim``) and calls its projections
 as modules, so the head setter's slicing suffices (the adapter ``_timm_levit`` in
@@ -38,11 +38,11 @@ from lightning_supernet.ops import class_named
 
 __all__ = ["LEVIT_ATTENTION", "ElasticLevitAttention", "accepts_levit_attention"]
 
-LEVIT_ATTENTION = "timm.models.levit.Attention"
+LEVIT_ATTENTION = ("timm.models.levit.Attention", "timm.models.levit.AttentionDownsample")
 
 
 class ElasticLevitAttention(ElasticMixin):
-    """Mixin for timm's LeViT ``Attention``: the attention biases are gathered on every call (no cache), so any
+    """Mixin for timm's LeViT ``Attention`` / ``AttentionDownsample``: the attention biases are gathered on every call (no cache), so any
     active head count reads its own rows of ``attention_biases``.
 
     Example:
@@ -66,14 +66,14 @@ class ElasticLevitAttention(ElasticMixin):
 
 
 def accepts_levit_attention(module: nn.Module) -> bool:
-    """timm's LeViT ``Attention`` running timm's own ``forward``.
+    """timm's LeViT ``Attention`` or ``AttentionDownsample`` running timm's own ``forward``.
 
     Example:
         >>> accepts_levit_attention(nn.Linear(2, 2))
         False
     """
-    base = class_named(module, LEVIT_ATTENTION)
-    return base is not None and original_class(module).forward is base.forward
+    bases = [class_named(module, name) for name in LEVIT_ATTENTION]
+    return any(base is not None and original_class(module).forward is base.forward for base in bases)
 
 
 register_head_forward(accepts_levit_attention, ElasticLevitAttention)
