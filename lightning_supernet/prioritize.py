@@ -45,8 +45,8 @@ def _head_index(spec, perm: torch.Tensor, blocks: int = 1, layout: str = "qkv") 
         per_group = (rep + 2) * spec.head_dim
         return (perm[:, None] * per_group + torch.arange(per_group)).reshape(-1)
     heads = (perm[:, None] * rep + torch.arange(rep)).reshape(-1)  # query heads follow their kv head
-    if layout == "head":
-        per_head = blocks * spec.head_dim
+    if layout == "head":  # rows per head: q, k, v of head_dim each, or LeViT's key_dim, key_dim, val_dim
+        per_head = spec.head_rows or blocks * spec.head_dim
         return (heads[:, None] * per_head + torch.arange(per_head)).reshape(-1)
     rows = (heads[:, None] * spec.head_dim + torch.arange(spec.head_dim)).reshape(-1)
     per_block = spec.num_heads * spec.head_dim
@@ -114,6 +114,10 @@ def group_tensors(supernet: SupernetModule, name: str, perm: torch.Tensor | None
                 out += _port_tensors(proj, "out", idx)
                 if "out_separate" in op_for(proj).ports:  # nn.MultiheadAttention with separate q/k/v weights
                     out += _port_tensors(proj, "out_separate", q_idx)
+        for path, rows in spec.extra_rows:  # [heads][rows] outputs or BatchNorm channels (LeViT)
+            mod = anchor.get_submodule(path)
+            idx = None if perm is None else (perm[:, None] * rows + torch.arange(rows)).reshape(-1)
+            out += _port_tensors(mod, "out" if "out" in op_for(mod).ports else "ch", idx)
         for path in (spec.k, spec.v):
             if path is not None:
                 out += _port_tensors(anchor.get_submodule(path), "out", None if perm is None else _kv_index(spec, perm))
@@ -187,6 +191,8 @@ def _unit_ids(supernet: SupernetModule, name: str) -> list[torch.Tensor]:
         rows = torch.arange(n)
         if i >= per_head:
             ids.append(rows // rep)
+        elif spec.head_rows:
+            ids.append(rows // (n // spec.num_heads))  # every tensor laid out [heads][rows] (LeViT)
         elif rep > 1 and n == spec.num_kv_heads * d:
             ids.append(rows // d)  # key/value projections of grouped-query attention: one head per unit
         elif spec.layout == "group" and n > q_rows:

@@ -20,7 +20,7 @@ from lightning_supernet.elastic.attention import ElasticMultiheadAttention, Head
 from lightning_supernet.elastic.conv import ElasticConv2d
 from lightning_supernet.elastic.conv1d import ElasticConv1D
 from lightning_supernet.elastic.depth import SkippableBlock
-from lightning_supernet.elastic import hf_linear, moe, tv_window_attention  # noqa: F401 - register their ops
+from lightning_supernet.elastic import hf_linear, moe, timm_attention, tv_window_attention  # noqa: F401 - register their ops
 from lightning_supernet.elastic.fastpath import FastPathGuard, guard_fast_paths, register_fast_path
 from lightning_supernet.elastic.linear import ElasticLinear
 from lightning_supernet.elastic.norm import ElasticBatchNorm, ElasticLayerNorm

@@ -135,7 +135,8 @@ class HeadSetter:
             port = op_for(fused).ports["out"]
             head_major = spec.layout in ("head", "group")
             rows = (None if full else heads // spec.kv_group * (spec.kv_group + 2) * spec.head_dim
-                    if spec.layout == "group" else 3 * width if head_major else width)
+                    if spec.layout == "group" else heads * spec.head_rows if spec.head_rows
+                    else 3 * width if head_major else width)
             setattr(fused, port.active, None if full else rows)
             if port.blocks:
                 setattr(fused, port.blocks, 1 if head_major else 3)
@@ -143,6 +144,10 @@ class HeadSetter:
             if path is not None:
                 proj = _elastic(anchor, path)
                 setattr(proj, op_for(proj).ports["out"].active, w)
+        for path, per_head_rows in spec.extra_rows:  # [heads][rows] outputs or BatchNorm channels (LeViT)
+            mod = _elastic(anchor, path)
+            ports = op_for(mod).ports
+            setattr(mod, ports["out" if "out" in ports else "ch"].active, None if full else heads * per_head_rows)
         o = _elastic(anchor, spec.o)
         setattr(o, op_for(o).ports["in"].active, width)
         values = {**{key: heads for key in spec.head_attrs}, **{key: heads * spec.head_dim for key in spec.size_attrs},

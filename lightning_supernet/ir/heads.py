@@ -66,6 +66,12 @@ class HeadSpec:
         fixed: if set, the heads are recognised but fixed by the module's design; the reason, in words.
         per_head: ``(path, tensor, dim)`` of tensors with one entry per query head beside the projections
             (relative-position bias tables), sliced to the active heads.
+        head_rows: rows per head of a head-major fused projection whose query, key and value sizes differ
+            (LeViT: ``key_dim + key_dim + val_dim``; ``head_dim`` is then the value size the output projection
+            reads per head); ``0``: ``3 * head_dim``.
+        extra_rows: ``(path, rows per head)`` of more modules whose output rows (a projection) or channels (a
+            ``BatchNorm``) are laid out ``[heads][rows]``, sliced to ``heads * rows`` (LeViT: the BatchNorm after
+            the fused projection, the downsampling attention's query projection and its BatchNorm).
 
     Example:
         >>> HeadSpec(num_heads=4, num_kv_heads=2, head_dim=8, q="q", k="k", v="v", o="o").kv_group
@@ -87,6 +93,8 @@ class HeadSpec:
     per_head: tuple[tuple[str, str, int], ...] = ()
     extra_q: tuple[str, ...] = ()
     fixed: str = ""
+    head_rows: int = 0
+    extra_rows: tuple[tuple[str, int], ...] = ()
 
     @property
     def kv_group(self) -> int:
@@ -96,7 +104,9 @@ class HeadSpec:
     @property
     def paths(self) -> tuple[str, ...]:
         """The projections' paths (``""`` for a module that is its own fused projection)."""
-        return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o, *self.extra_q) if p is not None)
+        return tuple(p for p in (self.q, self.k, self.v, self.qkv, self.o, *self.extra_q,
+                                              *(p for p, _ in self.extra_rows))
+                     if p is not None)
 
 
 Adapter = Callable[[nn.Module], "HeadSpec | list[HeadSpec] | None"]
@@ -244,7 +254,7 @@ def _plain_variants(module: nn.Module, spec: HeadSpec) -> list[HeadSpec]:
         sizes += [spec.size_attrs + (e,) for e in extra]
     sizes = list(dict.fromkeys(sizes))
     layouts = ([spec.layout, "head" if spec.layout == "qkv" else "qkv"] if spec.qkv is not None
-               and spec.layout != "group" else [spec.layout])
+               and spec.layout != "group" and not spec.head_rows else [spec.layout])
     return [replace(spec, layout=layout, size_attrs=size) for layout in layouts for size in sizes]
 
 
@@ -421,3 +431,35 @@ def _torchvision_maxvit(module: nn.Module) -> HeadSpec | None:
         return None
     return HeadSpec(heads, heads, head_dim, o="merge", qkv="to_qkv", head_attrs=(("", "n_heads"),),
                     per_head=(("", "relative_position_bias_table", 1),))
+
+
+@register_head_adapter
+def _timm_levit(module: nn.Module) -> HeadSpec | None:
+    """timm's LeViT ``Attention`` and ``AttentionDownsample`` (token layout, not ``use_conv``).
+
+    ``Attention``: ``qkv`` is a ``LinearNorm`` (``linear`` + ``bn``, a ``BatchNorm1d`` with one channel per row)
+    laid out head-major ``[heads][key_dim, key_dim, val_dim]``. ``AttentionDownsample``: ``kv`` (``[heads][key_dim,
+    val_dim]``) and a query ``q.ln`` (``[heads][key_dim]``), each a ``LinearNorm``. Both: ``proj`` is an activation
+    then a ``LinearNorm`` reading ``heads * val_dim``, ``attention_biases`` has a row per head and ``val_attn_dim``
+    follows the heads. Their eval-mode bias cache is bypassed by the elastic layer
+    (``lightning_supernet.elastic.timm_attention``)."""
+    base = class_named(module, "timm.models.levit.Attention") or \
+        class_named(module, "timm.models.levit.AttentionDownsample")
+    if base is None or type(module).__dict__.get("_original_class", type(module)).forward is not base.forward \
+            or module.use_conv:
+        return None
+    heads, key_dim, val_dim = module.num_heads, module.key_dim, module.val_dim
+    fused, rows = ("kv", key_dim + val_dim) if hasattr(module, "kv") else ("qkv", 2 * key_dim + val_dim)
+    extra: tuple[tuple[str, int], ...] = ((f"{fused}.bn", rows),)
+    if fused == "kv":
+        extra += (("q.ln.linear", key_dim), ("q.ln.bn", key_dim))
+        if _proj(module.q.ln, "linear") is None or _out(module.q.ln, "linear") != heads * key_dim:
+            return None
+    norm = getattr(getattr(module, fused), "bn", None)
+    if _proj(getattr(module, fused), "linear") is None or not hasattr(module.proj, "ln") or \
+            _proj(module.proj.ln, "linear", "in") is None or _out(getattr(module, fused), "linear") != heads * rows or \
+            _in(module.proj.ln, "linear") != heads * val_dim or norm is None or op_for(norm) is None:
+        return None
+    return HeadSpec(heads, heads, val_dim, o="proj.ln.linear", qkv=f"{fused}.linear", layout="head",
+                    head_attrs=(("", "num_heads"),), size_attrs=(("", "val_attn_dim"),),
+                    per_head=(("", "attention_biases", 0),), head_rows=rows, extra_rows=extra)
