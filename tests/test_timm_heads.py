@@ -22,7 +22,7 @@ timm = pytest.importorskip("timm")
 from lightning_supernet import SupernetModule  # noqa: E402
 from lightning_supernet.testing import check_conformance  # noqa: E402
 
-X = torch.randn(2, 3, 64, 64)
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 BLOCK = "stages.0.blocks.0.attn"  # 4 heads, key_dim 16, val_dim 32 (64 qkv rows per head), width 128, 4x4 tokens
 
 
@@ -85,7 +85,9 @@ def test_levit_gradients_reach_only_the_active_heads(levit_supernet):
     sn.model.train()
     try:
         with sn.subnet(cfg):
-            sn.model(X).sum().backward()
+            # squared: in train mode the head's BatchNorm1d makes the plain sum of the logits over the batch
+            # independent of its input (zero gradients everywhere)
+            sn.model(X).pow(2).sum().backward()
     finally:
         sn.model.eval()
     qkv = attn.qkv.linear.weight.grad.view(4, 64, 128)
