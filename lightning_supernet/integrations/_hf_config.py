@@ -65,14 +65,8 @@ def _int(v: Any) -> bool:
 
 
 def _set(config: Any, key: str, index: int | None, value: int) -> Any:
-    new = copy.deepcopy(config)
-    if index is None:
-        setattr(new, key, value)
-    else:
-        seq = list(getattr(new, key))
-        seq[index] = value
-        setattr(new, key, seq)
-    return new
+    """A copy of ``config`` with the value set (:func:`with_value` sets it in place)."""
+    return with_value(copy.deepcopy(config), key, index, value)
 
 
 def _get(config: Any, key: str, index: int | None) -> int:

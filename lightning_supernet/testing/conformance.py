@@ -46,7 +46,7 @@ from torch import nn
 
 from lightning_supernet.cost import count_macs, count_params
 from lightning_supernet.errors import UnsupportedModelError
-from lightning_supernet.ir.graph import call_model
+from lightning_supernet.ir.graph import call_model, flatten_tensors
 from lightning_supernet.prioritize import magnitude_importance, reorder
 from lightning_supernet.state import ModelSnapshot, preserved_modes
 from lightning_supernet.testing.report import Report
@@ -167,9 +167,11 @@ def _err(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
-def _unused_loss(output: Any, target: Any) -> torch.Tensor:
-    """The loss a plain ``nn.Module`` needs to be wrapped; the contract never trains."""
-    raise NotImplementedError
+def _output_energy(output: Any, target: Any) -> torch.Tensor:
+    """The loss a plain ``nn.Module`` needs to be wrapped (the contract never trains): the mean square of every
+    tensor the model returns; the target is not read."""
+    return sum((t.float().pow(2).mean() for t in flatten_tensors(output) if t.is_floating_point()),
+               torch.zeros(()))
 
 
 class _Checker:
@@ -270,7 +272,7 @@ def check_conformance(model_fn: Callable[[], nn.Module] | nn.Module, example: An
 
     # 1. build: succeed, or refuse cleanly and leave the model as it was
     try:
-        sn = SupernetModule(model, loss or _unused_loss, example_input=example, space=space)
+        sn = SupernetModule(model, loss or _output_energy, example_input=example, space=space)
     except Exception as err:  # noqa: BLE001
         changed = _fingerprint_diff(before, model_fingerprint(model))
         if changed is not None:
